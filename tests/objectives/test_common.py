@@ -1,0 +1,154 @@
+"""The shared pieces: the JVP against finite differences, the r != t subset path against the
+full batch, fused against split, and the (t, r) samplers."""
+
+import math
+
+import pytest
+import torch
+from helpers_objectives import TinyNet, fd_dudt
+
+from mf_objectives.common import TIME_SAMPLERS, TimeSampler, adaptive_weight, jvp_u, u_and_dudt
+
+
+def _batch(n=7, shape=(2, 3), num_classes=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    t = torch.rand(n, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    h = t * torch.rand(n, generator=g, dtype=torch.float64)
+    tan = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    cond = {"y": torch.randint(0, num_classes + 1, (n,), generator=g)} if num_classes else {}
+    return z, t, h, tan, cond
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_jvp_matches_central_differences(mode):
+    net = TinyNet(num_classes=3)
+    z, t, h, tan, cond = _batch(num_classes=3)
+    u, dudt = jvp_u(net, z, t, h, cond, tan, mode=mode)
+    fd = fd_dudt(lambda a, b, c: net(a, b, c, cond), z, t, h, tan)
+    torch.testing.assert_close(u, net(z, t, h, cond), rtol=0, atol=1e-13)
+    torch.testing.assert_close(dudt, fd, rtol=1e-7, atol=1e-9)
+    assert not dudt.requires_grad and u.requires_grad
+
+
+def test_jvp_tangent_is_along_t_and_h_together():
+    # (v, 1, 1) over (z, t, h) is (v, 0, 1) over (z, r, t): moving t with r fixed moves h too.
+    net = TinyNet()
+    z, t, h, tan, cond = _batch()
+    _, dudt = jvp_u(net, z, t, h, cond, tan)
+    wrong = fd_dudt(lambda a, b, c: net(a, b, c - (b - t)), z, t, h, tan)  # h held fixed instead
+    assert (dudt - wrong).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_subset_path_equals_full_batch(mode):
+    net = TinyNet(num_classes=3)
+    z, t, h, tan, cond = _batch(n=9, num_classes=3)
+    h[::3] = 0  # a third of the samples with r = t
+    u_sub, d_sub = u_and_dudt(net, z, t, h, cond, tan, mode=mode)
+    u_all, d_all = jvp_u(net, z, t, h, cond, tan, mode=mode)
+    torch.testing.assert_close(u_sub, u_all, rtol=1e-12, atol=1e-13)
+    need = h > 0
+    torch.testing.assert_close(d_sub[need], d_all[need], rtol=1e-12, atol=1e-13)
+    assert (d_sub[~need] == 0).all()
+    w = torch.randn_like(u_sub)
+    g_sub = torch.autograd.grad((u_sub * w).sum(), list(net.parameters()))
+    g_all = torch.autograd.grad((u_all * w).sum(), list(net.parameters()))
+    for a, b in zip(g_sub, g_all):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_subset_path_with_aux_v_head():
+    net = TinyNet(num_classes=3, v_head=True)
+    z, t, h, tan, cond = _batch(n=8, num_classes=3)
+    h[:4] = 0
+    cond["return_v"] = True
+    (u, v), d = u_and_dudt(net, z, t, h, cond, tan)
+    u_ref, v_ref = net(z, t, h, cond)
+    torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-13)
+    fd = fd_dudt(lambda a, b, c: net(a, b, c, {k: x for k, x in cond.items() if k != "return_v"}), z, t, h, tan)
+    torch.testing.assert_close(d[4:], fd[4:], rtol=1e-7, atol=1e-9)
+
+
+def test_split_restores_rng_so_dropout_masks_match():
+    net = TinyNet(dropout=0.5).train()
+    z, t, h, tan, cond = _batch(n=16)
+    torch.manual_seed(5)
+    u_f, d_f = jvp_u(net, z, t, h, cond, tan, mode="fused")
+    torch.manual_seed(5)
+    u_s, d_s = jvp_u(net, z, t, h, cond, tan, mode="split")
+    torch.testing.assert_close(u_s, u_f, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(d_s, d_f, rtol=1e-12, atol=1e-13)
+    # without the restore, the tangent sees other masks (shows the check has power)
+    torch.manual_seed(5)
+    net(z, t, h, cond)
+    _, d_other = jvp_u(net, z, t, h, cond, tan, mode="fused")
+    assert (d_other - d_f).abs().max() > 1e-3
+
+
+def test_differentiable_jvp_gradient_matches_finite_differences():
+    # d/dθ of <w, du/dt> through the tangent (needed by Modular MeanFlow), checked along a random direction
+    net = TinyNet()
+    z, t, h, tan, cond = _batch(n=5)
+    w = torch.randn_like(z)
+    _, d = jvp_u(net, z, t, h, cond, tan, differentiable=True)
+    grads = torch.autograd.grad((d * w).sum(), list(net.parameters()), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, net.parameters())]
+    dirs = [torch.randn_like(p) for p in net.parameters()]
+    analytic = sum((g * q).sum() for g, q in zip(grads, dirs))
+    eps, vals = 1e-5, []
+    for sgn in (1, -1):
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), dirs):
+                p.add_(sgn * eps * q)
+        vals.append((fd_dudt(lambda a, b, c: net(a, b, c), z, t, h, tan, eps=1e-4) * w).sum())
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), dirs):
+                p.sub_(sgn * eps * q)
+    numeric = (vals[0] - vals[1]) / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+# -- samplers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(TIME_SAMPLERS))
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_time_sampler_fraction_and_order(name, ratio):
+    s = TimeSampler(name, ratio)
+    t, r = s(20000, dtype=torch.float64)
+    assert ((0 <= r) & (r <= t) & (t <= 1)).all()
+    frac = (r != t).double().mean().item()
+    expected = ratio
+    if name == "cifar_improved":
+        # r = min(t, r) turns the draws with r' > t' into r = t as well (py-meanflow v1):
+        # P(r' < t') = P(N(-4, 1.6²) < N(-0.6, 1.6²)) = Φ(3.4 / (1.6 √2))
+        expected = ratio * 0.5 * (1 + math.erf(3.4 / (1.6 * math.sqrt(2)) / math.sqrt(2)))
+    assert abs(frac - expected) < 4 * math.sqrt(expected * (1 - expected) / 20000) + 1e-4
+
+
+def test_imagenet_sampler_puts_r_eq_t_first_as_the_official_code():
+    t, r = TimeSampler("imagenet", 0.25)(512)
+    assert (r[:384] == t[:384]).all() and (r[384:] < t[384:]).all()
+
+
+def test_logit_normal_parameters():
+    # t' and r' ~ sigmoid(N(-0.4, 1)); max/min of two iid draws: median of logit(min) = m - 0.545 s ...
+    # Simpler invariant: the mean of logit(t) + logit(r) over r != t samples is 2 * mean.
+    t, r = TimeSampler("imagenet", 1.0)(200000, dtype=torch.float64)
+    lt, lr = torch.logit(t), torch.logit(r)
+    assert abs((lt + lr).mean().item() / 2 - (-0.4)) < 0.01
+    assert abs(((lt + lr) / 2).var().item() - 0.5) < 0.01  # var of the mean of two iid N(., 1)
+    t, r = TimeSampler("cifar_improved", 1.0)(200000, dtype=torch.float64)
+    # r ~ LN(-4, 1.6) then min(t, r): the t-marginal is untouched
+    lt = torch.logit(t)
+    assert abs(lt.mean().item() + 0.6) < 0.02 and abs(lt.std().item() - 1.6) < 0.02
+
+
+def test_adaptive_weight():
+    sq = torch.tensor([0.0, 1.0, 3.0], requires_grad=True)
+    w = adaptive_weight(sq, 0.75, 1e-3)
+    torch.testing.assert_close(w, (sq.detach() + 1e-3) ** -0.75)
+    assert not w.requires_grad
+    assert (adaptive_weight(sq, 0.0, 1e-3) == 1).all()
