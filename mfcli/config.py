@@ -116,6 +116,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise MFError(f"{where}: expected {_type_name(tp)}, got {value!r}.{suggest(value, choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):  # from a run's config.json (TOML has no null)
+            return None
         for arg in typing.get_args(tp):
             if arg is type(None):
                 continue

@@ -4,7 +4,7 @@ import pytest
 
 from mfcli import __version__
 
-from .conftest import ROOT, run_mf
+from mftest import ROOT, run_mf
 
 
 def test_version_and_help():

@@ -14,7 +14,7 @@ from mfcli import hookimpl
 from mfcli.errors import MFError
 from mfcli.plugins import load_registry
 
-from .conftest import run_mf
+from mftest import run_mf
 
 
 def test_builtins_are_registered_through_entry_points():

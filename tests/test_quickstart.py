@@ -7,7 +7,7 @@ import torch
 from mfcli.distances import sliced_wasserstein
 from mfcli.sampling import draw, load_model
 
-from .conftest import ROOT, run_mf
+from mftest import ROOT, run_mf
 
 # Between 2,000 samples and 2,000 fresh checkerboard points. Two independent draws of the data
 # sit near 0.03; an untrained network's samples near 1.0; Gaussian noise near 0.45.

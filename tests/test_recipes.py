@@ -73,7 +73,7 @@ def test_unknown_table_and_missing_name(tmp_path):
 
 
 def test_malformed_toml_reports_line_and_column(tmp_path):
-    with pytest.raises(MFError, match=r"malformed TOML.*line 5, column"):
+    with pytest.raises(MFError, match=r"malformed TOML.*line 6, column 16"):
         load_recipe(write(tmp_path, BASE.replace('distribution = "moons"', "distribution = moons")))
 
 

@@ -15,20 +15,23 @@ import torch
 DISTRIBUTIONS = ("checkerboard", "8gaussians", "moons", "gaussian")
 
 
-def sample_toy(distribution: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n, 2) float32 points, scaled to roughly unit variance per axis."""
+NUM_MODES = {"checkerboard": 8, "8gaussians": 8, "moons": 2, "gaussian": 1}
+
+
+def sample_toy_labeled(distribution: str, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2) float32 points and (n,) long mode labels (square, Gaussian or moon index)."""
     g = generator
     if distribution == "checkerboard":
-        # 4x4 board on [-2, 2]^2 with the dark squares filled
+        # 4x4 board on [-2, 2]^2 with 8 of the squares filled
         x1 = torch.rand(n, generator=g) * 4 - 2
-        x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2
-        x2 = x2 + (torch.floor(x1) % 2)
-        pts = torch.stack([x1, x2], dim=1) * 1.0
-        return pts.float()
+        row = torch.randint(0, 2, (n,), generator=g)
+        x2 = torch.rand(n, generator=g) - row.float() * 2 + (torch.floor(x1) % 2)
+        label = (torch.floor(x1) + 2).long() * 2 + row
+        return torch.stack([x1, x2], dim=1).float(), label
     if distribution == "8gaussians":
-        k = torch.randint(0, 8, (n,), generator=g).float()
+        k = torch.randint(0, 8, (n,), generator=g)
         centers = torch.stack([torch.cos(k * math.pi / 4), torch.sin(k * math.pi / 4)], dim=1) * 2.0
-        return (centers + 0.1 * torch.randn(n, 2, generator=g)).float()
+        return (centers + 0.1 * torch.randn(n, 2, generator=g)).float(), k
     if distribution == "moons":
         half = n // 2
         a = torch.rand(half, generator=g) * math.pi
@@ -36,10 +39,16 @@ def sample_toy(distribution: str, n: int, generator: torch.Generator | None = No
         m1 = torch.stack([torch.cos(a), torch.sin(a)], 1)
         m2 = torch.stack([1 - torch.cos(b), 0.5 - torch.sin(b)], 1)
         pts = torch.cat([m1, m2]) + 0.05 * torch.randn(n, 2, generator=g)
-        return ((pts - torch.tensor([0.5, 0.25])) * 1.5).float()
+        label = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(n - half, dtype=torch.long)])
+        return ((pts - torch.tensor([0.5, 0.25])) * 1.5).float(), label
     if distribution == "gaussian":
-        return (torch.tensor([0.5, -0.5]) + 0.5 * torch.randn(n, 2, generator=g)).float()
+        return (torch.tensor([0.5, -0.5]) + 0.5 * torch.randn(n, 2, generator=g)).float(), torch.zeros(n, dtype=torch.long)
     raise ValueError(f"unknown distribution {distribution!r}")
+
+
+def sample_toy(distribution: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 2) float32 points, roughly within [-2.5, 2.5]^2."""
+    return sample_toy_labeled(distribution, n, generator)[0]
 
 
 @dataclass
@@ -47,27 +56,29 @@ class ToyConfig:
     distribution: Literal["checkerboard", "8gaussians", "moons", "gaussian"] = "checkerboard"
     num_points: int = 100_000  # size of the fixed training draw
     seed: int = 0  # seed of the draw (the test split uses seed + 1)
+    conditional: bool = False  # label each point with its mode (square, Gaussian, moon) for class-conditional models
 
 
 class Toy2D(torch.utils.data.Dataset):
-    """A fixed draw of 2-D points; labels are all 0 (unconditional)."""
+    """A fixed draw of 2-D points, unlabelled or labelled by mode."""
 
-    num_classes = 0
     shape = (2,)
 
     def __init__(self, cfg: ToyConfig, *, split: str = "train"):
         self.cfg = cfg
         g = torch.Generator().manual_seed(cfg.seed + (1 if split == "test" else 0))
-        self.points = sample_toy(cfg.distribution, cfg.num_points, g)
+        self.points, labels = sample_toy_labeled(cfg.distribution, cfg.num_points, g)
+        self.num_classes = NUM_MODES[cfg.distribution] if cfg.conditional else 0
+        self.labels = labels if cfg.conditional else torch.zeros_like(labels)
 
     def __len__(self) -> int:
         return len(self.points)
 
     def __getitem__(self, i: int):
-        return self.points[i], 0
+        return self.points[i], int(self.labels[i])
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.points, torch.zeros(len(self.points), dtype=torch.long)
+        return self.points, self.labels
 
 
 COMPONENTS = {"toy": (Toy2D, ToyConfig, "2-D toy distributions (checkerboard, 8gaussians, moons, gaussian)")}
