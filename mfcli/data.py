@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -207,13 +208,20 @@ class _RankBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, loader: StreamLoader):
-        self.loader = loader
+        # Weak references only (here and in the iterator below): a cycle through the
+        # DataLoader's iterator would leave the workers to the cyclic garbage collector,
+        # whose shutdown of them stalls for seconds.
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> StreamLoader:
+        return self._loader()
 
     def __iter__(self):
         loader = self.loader
         perm, _ = loader._plan()
-        for step in range(loader.position, loader.steps_per_epoch):
-            yield perm[loader._slice(step)].tolist()
+        slices = [loader._slice(step) for step in range(loader.position, loader.steps_per_epoch)]
+        return (perm[where].tolist() for where in slices)
 
     def __len__(self) -> int:
         return self.loader.steps_per_epoch - self.loader.position
@@ -276,6 +284,14 @@ class StreamLoader(_EpochLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._batches = None  # prefetched batches belong to the old position
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage)."""
+        self._batches = None
+        iterator = getattr(self._loader, "_iterator", None)  # persistent workers live here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
 
 
 def _estimated_bytes(dataset: Dataset) -> int:

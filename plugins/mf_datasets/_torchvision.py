@@ -12,7 +12,7 @@ from torchvision.datasets.utils import check_integrity
 
 from mfcli.errors import MFError
 
-DOWNLOAD_TIMEOUT_S = 60  # urllib waits forever by default; a firewalled machine would hang silently
+DOWNLOAD_TIMEOUT_S = 20  # urllib waits forever by default; a firewalled machine would hang silently
 
 
 @contextlib.contextmanager

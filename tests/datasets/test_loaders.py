@@ -1,5 +1,8 @@
 """mfcli.data: the on-device and streaming loaders (order, sharding, flips, resume, the auto choice)."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -210,6 +213,30 @@ def test_stream_loader_resumes_exactly_with_workers():
     resumed.load_state_dict(first.state_dict())
     for (x0, y0), (x1, y1) in zip(straight, head + take(resumed, 10), strict=True):
         assert torch.equal(y0, y1) and torch.equal(x0, x1)
+    # Rewinding a loader whose workers have already prefetched past the saved position.
+    rewind = {**first.state_dict(), "position": 2}
+    take(first, 3)
+    first.load_state_dict(rewind)
+    for (x0, y0), (x1, y1) in zip(straight[2:6], take(first, 4), strict=True):
+        assert torch.equal(y0, y1) and torch.equal(x0, x1)
+    first.close()  # stops the workers; the next batch starts new ones where it left off
+    x, y = next(first)
+    assert torch.equal(y, straight[6][1]) and torch.equal(x, straight[6][0])
+
+
+def test_a_dropped_stream_loader_is_freed_at_once():
+    # Without a reference cycle the workers stop when the last reference goes, instead of
+    # waiting for the cyclic garbage collector (whose worker shutdown stalls for seconds).
+    images, labels = tagged_images(45)
+    loader = StreamLoader(Items(images, labels), batch_size=4, num_workers=1)
+    take(loader, 3)
+    ref = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_make_loader_holds_small_splits_on_the_device_and_streams_the_rest():
