@@ -208,7 +208,7 @@ class _RankBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, loader: StreamLoader):
-        # Weak references only (here and in the iterator below): a cycle through the
+        # Held weakly here and not at all by the epoch's iterator: a cycle through the
         # DataLoader's iterator would leave the workers to the cyclic garbage collector,
         # whose shutdown of them stalls for seconds.
         self._loader = weakref.ref(loader)
