@@ -46,6 +46,22 @@ def sample_toy_labeled(distribution: str, n: int, generator: torch.Generator | N
     raise ValueError(f"unknown distribution {distribution!r}")
 
 
+def in_support_fraction(distribution: str, points: torch.Tensor) -> float:
+    """Fraction of ``points`` that lie where the distribution puts its mass: a filled checkerboard
+    square, or within 3 standard deviations of one of the 8 Gaussians' centres. Data scores ~1.0."""
+    x, y = points[:, 0].double(), points[:, 1].double()
+    if distribution == "checkerboard":
+        inside = (x.abs() <= 2) & (y.abs() <= 2)
+        filled = ((torch.floor(x) + torch.floor(y)) % 2) == 0  # the squares the sampler fills
+        return float((inside & filled).double().mean())
+    if distribution == "8gaussians":
+        k = torch.arange(8, dtype=torch.float64)
+        centers = torch.stack([torch.cos(k * math.pi / 4), torch.sin(k * math.pi / 4)], 1) * 2.0
+        d = torch.cdist(points.double(), centers).min(1).values
+        return float((d <= 0.3).double().mean())
+    raise ValueError(f"no support test for {distribution!r}")
+
+
 def sample_toy(distribution: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n, 2) float32 points, roughly within [-2.5, 2.5]^2."""
     return sample_toy_labeled(distribution, n, generator)[0]
