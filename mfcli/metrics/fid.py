@@ -159,14 +159,18 @@ def resolve_inception_weights(inception_weights: str | os.PathLike | None = None
         raise MFError(f"Downloading the Inception weights failed ({e}). {_how_to_get_weights()}") from None
 
 
+def _corrupt_message(path: str, error: Exception) -> str:
+    return (
+        f"{path} could not be loaded as TorchScript ({type(error).__name__}). It is corrupt or truncated (delete "
+        f"it and download it again), or not clean-fid's {INCEPTION_FILENAME}. {_how_to_get_weights()}"
+    )
+
+
 def _load_torchscript(path: str) -> torch.jit.ScriptModule:
     try:
         module = torch.jit.load(path, map_location="cpu")
     except Exception as e:
-        raise MFError(
-            f"{path} could not be loaded as TorchScript ({type(e).__name__}). It is corrupt or truncated (delete "
-            f"it and download it again), or not clean-fid's {INCEPTION_FILENAME}. {_how_to_get_weights()}"
-        ) from None
+        raise MFError(_corrupt_message(path, e)) from None
     if not hasattr(module, "layers"):
         raise MFError(f"{path} loads, but it is not clean-fid's Inception network (it has no 'layers' part).")
     return module
@@ -183,7 +187,6 @@ def inception_feature_extractor(
 
     _check_mode(mode)
     path = resolve_inception_weights(inception_weights)
-    _load_torchscript(path)  # a clear message for a corrupt file, before clean-fid's bare assert/RuntimeError
     with contextlib.ExitStack() as stack:
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.basename(path) != INCEPTION_FILENAME:
@@ -195,7 +198,12 @@ def inception_feature_extractor(
             except OSError:
                 shutil.copyfile(path, link)
         # download=False: the file is known to be there, and clean-fid must not fetch anything.
-        model = InceptionV3W(folder, download=False, resize_inside=(mode == "legacy_tensorflow"))
+        try:
+            model = InceptionV3W(folder, download=False, resize_inside=(mode == "legacy_tensorflow"))
+        except AttributeError:  # loaded, but without the 'layers' part clean-fid calls
+            raise MFError(f"{path} loads, but it is not clean-fid's Inception network (it has no 'layers' part).") from None
+        except Exception as e:
+            raise MFError(_corrupt_message(path, e)) from None
     model.feature_name = INCEPTION_FEATURE_NAME
     return model.to(device or default_device()).eval()
 
@@ -265,6 +273,13 @@ def clean_fid_reference_stats(name: str, res: int, split: str = "train", mode: s
 def _check_mode(mode: str) -> None:
     if mode not in FID_MODES:
         raise MFError(f"Unknown FID mode {mode!r}; choose one of {', '.join(FID_MODES)} (clean-fid's modes).")
+
+
+def _extractor_device(extractor) -> torch.device:
+    """Where a feature network lives (its first parameter), so inputs go there; CPU for plain functions."""
+    params = extractor.parameters() if isinstance(extractor, torch.nn.Module) else iter(())
+    p = next(params, None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _feature_name(extractor) -> str:
@@ -363,7 +378,7 @@ def compute_fid(
         inception_weights: path of ``inception-2015-12-05.pt`` for offline machines.
         feature_extractor: replaces Inception (clean-fid's ``custom_feat_extractor``):
             (B, 3, S, S) float [0, 255] -> (B, D). The result is then *not* FID.
-        device: default CUDA if available, else CPU.
+        device: default: where ``feature_extractor`` lives; for Inception, CUDA if available, else CPU.
         batch_size, num_workers: of the resizing DataLoader (0 workers by default).
 
     Returns:
@@ -390,6 +405,7 @@ def compute_fid(
         res = dataset_res if dataset_res is not None else samples.image_size()[0]
         ref = clean_fid_reference_stats(os.fspath(reference), res, dataset_split, mode)
     extractor = feature_extractor or inception_feature_extractor(mode, inception_weights, device)
+    device = device if device is not None else _extractor_device(extractor)
     kw = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device)
     stats = fid_feature_stats(samples, extractor, num=num, **kw)
     if isinstance(ref, ImageSet):
@@ -419,6 +435,7 @@ def make_custom_stats(
     _check_mode(mode)
     images = open_images(images, name="reference")
     extractor = feature_extractor or inception_feature_extractor(mode, inception_weights, device)
+    device = device if device is not None else _extractor_device(extractor)
     stats = fid_feature_stats(
         images, extractor, mode=mode, num=num, batch_size=batch_size, num_workers=num_workers, device=device
     )
