@@ -253,7 +253,9 @@ def clean_fid_reference_stats(name: str, res: int, split: str = "train", mode: s
         )
     from cleanfid.downloads_helper import check_download_url
 
-    target = os.path.join(cleanfid_dir if os.access(os.path.dirname(cleanfid_dir), os.W_OK) else _mf_cache_dir(), fname)
+    # clean-fid's folder sits inside site-packages, which may be read-only; mf's cache is looked in too.
+    writable = os.access(cleanfid_dir if os.path.isdir(cleanfid_dir) else os.path.dirname(cleanfid_dir), os.W_OK)
+    target = os.path.join(cleanfid_dir if writable else _mf_cache_dir(), fname)
     try:
         _download_atomically(lambda folder: check_download_url(folder, url), target, lambda p: load_stats(p))
     except urllib.error.HTTPError as e:
@@ -296,8 +298,11 @@ def fid_feature_stats(
     num_workers: int = 0,
     device: torch.device | str | None = None,
 ) -> FeatureStats:
-    """Statistics of ``extractor`` features of the first ``num`` images, resized by clean-fid for ``mode``."""
-    device = torch.device(device) if device is not None else default_device()
+    """Statistics of ``extractor`` features of the first ``num`` images, resized by clean-fid for ``mode``.
+
+    Batches go to ``device`` (default: where the extractor's parameters are).
+    """
+    device = torch.device(device) if device is not None else _extractor_device(extractor)
     dataset = images.clean_fid_dataset(mode, num)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers

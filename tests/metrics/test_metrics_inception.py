@@ -249,6 +249,44 @@ def test_missing_or_truncated_reference_statistics_offline(stats_folder, offline
         clean_fid_reference_stats("cifar10", 32, "test", "clean")
 
 
+def test_reference_statistics_download_lands_only_when_complete(stats_folder, offline, monkeypatch):
+    import urllib.error
+
+    import cleanfid.downloads_helper as helper
+
+    monkeypatch.setattr(fid_module, "network_reachable", lambda url, timeout=0: True)
+    urls = []
+
+    def truncated(folder, url):
+        urls.append(url)
+        path = os.path.join(folder, os.path.basename(url))
+        save_stats(path, np.zeros(3), np.eye(3))
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:50])
+        return path
+
+    monkeypatch.setattr(helper, "check_download_url", truncated)
+    with pytest.raises(MFError, match="truncated"):
+        clean_fid_reference_stats("cifar10", 32, "train", "clean")
+    assert urls == [fid_module.CLEANFID_STATS_URL + "cifar10_clean_train_32.npz"]
+    assert list(stats_folder.iterdir()) == []
+
+    def complete(folder, url):
+        return save_stats(os.path.join(folder, os.path.basename(url)), np.ones(3), 2 * np.eye(3))
+
+    monkeypatch.setattr(helper, "check_download_url", complete)
+    mu, sigma = clean_fid_reference_stats("cifar10", 32, "train", "clean")
+    np.testing.assert_array_equal(mu, np.ones(3))
+    assert [p.name for p in stats_folder.iterdir()] == ["cifar10_clean_train_32.npz"]
+
+    def not_found(folder, url):
+        raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+
+    monkeypatch.setattr(helper, "check_download_url", not_found)
+    with pytest.raises(MFError, match="has no reference statistics"):
+        clean_fid_reference_stats("cifar11", 32, "train", "clean")
+
+
 def test_dataset_name_reference_uses_clean_fid_statistics(stats_folder, offline, fake_weights, cifar, monkeypatch):
     rng = np.random.default_rng(1)
     mu, sigma = rng.normal(size=2048), np.diag(rng.uniform(0.5, 1.0, size=2048))
