@@ -6,7 +6,6 @@ images, and 1,000 images for each far-away distribution.
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import RESNET56, need, noise_images
 from mfcli.metrics import classifier_accuracy, classifier_fd, classifier_feature_stats
