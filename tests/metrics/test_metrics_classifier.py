@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from conftest import noise_images
+from metrics_data import noise_images
 from mfcli.errors import MFError
 from mfcli.metrics import (
     FeatureStats,

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import noise_images
+from metrics_data import noise_images
 from mfcli.errors import MFError
 from mfcli.metrics import RandomConvFeatures, compute_fid, make_custom_stats, open_images
 from mfcli.metrics.images import IMAGE_EXTENSIONS

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from conftest import noise_images
+from metrics_data import noise_images
 from mfcli.errors import MFError
 from mfcli.metrics import compute_fid, fid as fid_module, inception_feature_extractor, resolve_inception_weights, save_stats
 from mfcli.metrics.fid import clean_fid_reference_stats, clean_fid_stats_filename, network_reachable

@@ -7,7 +7,7 @@ images, and 1,000 images for each far-away distribution.
 import numpy as np
 import pytest
 
-from conftest import RESNET56, need, noise_images
+from metrics_data import RESNET56, need, noise_images
 from mfcli.metrics import classifier_accuracy, classifier_fd, classifier_feature_stats
 
 resnet = pytest.importorskip("mf_backbones.resnet", reason="the ResNet backbones (mf_backbones.resnet) are not installed")
