@@ -98,9 +98,15 @@ def load_classifier(path: str, arch: str | None):
         return load_compressed(p)
     if arch is None:
         raise MFError(f"'{path}' is a plain weights file: say which architecture it is with --arch (e.g. --arch resnet56).")
-    from mf_backbones.resnet import build_resnet, load_resnet_weights
+    return _registered_resnet(arch, p)
 
-    return load_resnet_weights(build_resnet(arch), p)
+
+def _registered_resnet(arch: str, weights):
+    """A ResNet classifier through the backbone registry (the core imports no plugin by name)."""
+    from mfcli.plugins import registry
+
+    comp = registry().get("backbones", "resnet")
+    return comp.factory(comp.config(arch=arch, weights=os.fspath(weights)), shape=(3, 32, 32), num_classes=10)
 
 
 def _distribution_metric(metric, target, runs_dir, num, nfe, guidance, seed, batch_size, samples, reference, mode, inception_weights, classifier_weights, dev):
@@ -146,12 +152,10 @@ def _distribution_metric(metric, target, runs_dir, num, nfe, guidance, seed, bat
         value = compute_fid(gen, ref, mode=mode, num=n, inception_weights=os.fspath(inception_weights) if inception_weights else None, device=dev)
         results = {f"fid_{mode}": value, "num_samples": n, "nfe": nfe}
     else:
-        from mf_backbones.resnet import build_resnet, load_resnet_weights
-
         w = classifier_weights or os.environ.get("MF_RESNET56_WEIGHTS")
         if not w:
             raise MFError("fd-resnet56 needs the pretrained CIFAR-10 ResNet-56 weights (resnet56-4bfd9763.th): pass --classifier-weights PATH or set MF_RESNET56_WEIGHTS.")
-        clf = load_resnet_weights(build_resnet("resnet56"), w).to(dev).eval()
+        clf = _registered_resnet("resnet56", w).to(dev).eval()
         value = classifier_fd(gen, ref, clf, num=n, batch_size=batch_size, device=dev)
         results = {"fd_resnet56": value, "num_samples": n, "nfe": nfe, "note": "Fréchet distance in ResNet-56 features (offline stand-in, not FID)"}
     if guidance is not None:

@@ -105,7 +105,7 @@ def _download_atomically(fetch: Callable[[str], str], dest: str, validate: Calla
 def _how_to_get_weights() -> str:
     return (
         f"On a machine with internet, download {INCEPTION_URL} (about 95 MB), copy it to this machine and pass "
-        "its path as inception_weights (or set MF_INCEPTION_WEIGHTS=/path/to/inception-2015-12-05.pt). "
+        "its path with `mf eval --inception-weights PATH` (inception_weights= in Python), or set MF_INCEPTION_WEIGHTS=/path/to/inception-2015-12-05.pt. "
         "Without these weights, real FID cannot be computed; the offline stand-in is a Fréchet distance in a "
         "CIFAR classifier's features (fd_resnet56), which is not FID and must not be reported as FID."
     )
