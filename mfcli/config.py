@@ -57,6 +57,7 @@ class TrainConfig:
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])  # one EMA copy per decay; the first is sampled from
     ema_every: int = 1  # update the EMA copies every N steps (decay**N per update)
     seed: int = 0
+    init_from: str = ""  # weights file (or run directory) to start from, e.g. a flow-matching teacher; ignored on resume
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the backbone
     device: str = "auto"  # auto | cpu | cuda | mps

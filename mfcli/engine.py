@@ -182,6 +182,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.dataset, self.shape, self.num_classes = build_parts(recipe, self.reg)
         self.net, self.objective = build_model(recipe, self.shape, self.num_classes, self.reg)
+        if self.cfg.init_from:
+            self._init_from(self.cfg.init_from)
+        self._attach_teacher()
         self.net.to(self.device)
         if self.dist.enabled:
             for p in self.net.parameters():  # start every rank from rank 0's weights
@@ -208,6 +211,31 @@ class Trainer:
         self._stop_signal: int | None = None
         self.log = None
         self.tb = None
+
+    def _init_from(self, path: str) -> None:
+        """Start from another run's weights (SplitMeanFlow's student starts from its teacher)."""
+        src = Path(path)
+        weights = src / "weights.safetensors" if src.is_dir() else src
+        state, _ = checkpoint.load_weights(weights)
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise MFError(f"train.init_from '{path}' does not fit this recipe's backbone: {exc}") from exc
+
+    def _attach_teacher(self) -> None:
+        """Objectives that distil a teacher name its weights in their config; the engine loads it."""
+        path = getattr(self.recipe.objective, "teacher_weights", "")
+        if not path or not hasattr(self.objective, "set_teacher"):
+            return
+        from mfcli.sampling import load_model
+
+        src = Path(path)
+        teacher = load_model(src / "weights.safetensors" if src.is_dir() else src, self.device)
+        if tuple(teacher.shape) != tuple(self.shape) or teacher.num_classes != self.num_classes:
+            raise MFError(f"the teacher '{path}' was trained on data of shape {teacher.shape} with {teacher.num_classes} classes; this run has {self.shape} with {self.num_classes}.")
+        for p in teacher.net.parameters():
+            p.requires_grad_(False)
+        self.objective.set_teacher(teacher.net)
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

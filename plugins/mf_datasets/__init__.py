@@ -9,7 +9,7 @@ from mfcli import hookimpl
 
 __version__ = "0.1.0"
 
-MODULES: tuple[str, ...] = ("toy", "cifar", "mnist", "npz", "imagefolder")
+MODULES: tuple[str, ...] = ("toy", "cifar", "mnist", "npz", "imagefolder", "latents")
 
 
 @hookimpl
