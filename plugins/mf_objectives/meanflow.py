@@ -167,6 +167,10 @@ class MeanFlow:
         """Gradient fraction through d/dt u (0 for MeanFlow; Modular MeanFlow overrides)."""
         return 0.0
 
+    def tangent(self, net, z, t, h, v_tilde, cond):
+        """The z-tangent of the JVP: the (guided) conditional velocity ṽ (MeanFlow Eq. 8)."""
+        return v_tilde
+
     def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None):
         """Prediction u, target u_tgt and their parts for the batch (all per sample)."""
         n = x.shape[0]
@@ -182,7 +186,8 @@ class MeanFlow:
         v_tilde = self.guided_velocity(net, z, t, v, y_in, dropped)
         lam = self.lam(step)
         h = t - r
-        u, dudt = u_and_dudt(net, z, t, h, cond, v_tilde, mode=self.cfg.jvp_mode, differentiable=lam > 0)
+        tangent = self.tangent(net, z, t, h, v_tilde, cond)
+        u, dudt = u_and_dudt(net, z, t, h, cond, tangent, mode=self.cfg.jvp_mode, differentiable=lam > 0)
         gap = h.clamp(0.0, 1.0) if self.cfg.clip_gap else h
         # Δ = u - sg(ṽ - gap·du/dt) for λ = 0; Modular MeanFlow lets a fraction λ of the gradient through du/dt
         dudt_mod = dudt.detach() if lam == 0 else lam * dudt + (1 - lam) * dudt.detach()

@@ -71,3 +71,50 @@ def test_mmf_lambda_curriculum():
     assert ModularMeanFlow(MMFConfig(lambda_schedule="fixed", lambda_value=0.4)).lam(10**6) == 0.4
     with pytest.raises(Exception, match="lambda_schedule"):
         ModularMeanFlow(MMFConfig(lambda_schedule="cosine"))
+
+
+def test_full_gradient_with_velocity_tangent_is_biased_and_model_tangent_is_not():
+    # Gaussian data, u_θ = exact u + a z + b t: at θ = 0 the model is exact, so an unbiased loss has
+    # zero expected gradient. With λ = 1 and tangent e - x the expected gradient in a is
+    # 2h tr((h ∂_z u - I) Cov[e - x | z_t]) != 0; with the model's own velocity as tangent it is 0.
+    import math
+
+    from helpers_objectives import GaussianExact
+    from torch import nn
+
+    exact = GaussianExact(torch.tensor([1.5, -0.5], dtype=torch.float64), 0.6)
+
+    class Perturbed(nn.Module):
+        num_classes, conditions, has_v_head = 0, frozenset(), False
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.zeros((), dtype=torch.float64))
+            self.b = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+        def forward(self, z, t, h, cond=None):
+            return exact.u(z, t, h) + self.a * z + self.b * t[:, None]
+
+    t0, r0, n, k = 0.9, 0.1, 20000, 8
+    z = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    tt, rr = torch.full((n,), t0, dtype=torch.float64), torch.full((n,), r0, dtype=torch.float64)
+    objs = {
+        "mf": MeanFlow(MFConfig(norm_p=0.0)),
+        "mmf_velocity": ModularMeanFlow(MMFConfig(norm_p=0.0, lambda_schedule="fixed", lambda_value=1.0)),
+        "mmf_model": ModularMeanFlow(MMFConfig(norm_p=0.0, lambda_schedule="fixed", lambda_value=1.0,
+                                               jvp_tangent="model")),
+    }
+    g = torch.Generator().manual_seed(11)
+    draws = [exact.posterior(z, t0, n, generator=g) for _ in range(k)]
+    for name, obj in objs.items():
+        net = Perturbed()
+        grads = []
+        for x, e in draws:
+            loss, _ = obj.loss(net, x, t=tt, r=rr, noise=e)
+            grads.append(torch.cat([q.flatten() for q in torch.autograd.grad(loss, list(net.parameters()))]))
+        grads = torch.stack(grads)
+        mean, se = grads.mean(0), grads.std(0) / math.sqrt(k)
+        if name == "mmf_velocity":
+            assert mean[0].abs() > 10 * se[0], (mean, se)
+        else:
+            assert (mean.abs() < 4.5 * se + 1e-12).all(), (name, mean, se)
