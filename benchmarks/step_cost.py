@@ -294,6 +294,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", action="append", default=[], help="measure only variants containing this text (+ fm)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -311,6 +312,8 @@ def main(argv=None):
         batch = args.batch or batch
         x = torch.randn(batch, *shape)
         objs = variants(args.ratio, bool(getattr(net, "has_v_head", False)))
+        if args.only:
+            objs = {k: v for k, v in objs.items() if k == "fm" or any(o in k for o in args.only)}
         res = measure(net, x, objs, args.rounds, args.warmup)
         params = sum(p.numel() for p in net.parameters())
         sections[name] = section(name, shape, batch, values, params, res, args)

@@ -192,9 +192,12 @@ def jvp_u(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiable: b
     state = _rng_state(z.device)
     out = f(z, t, h)
     _set_rng_state(z.device, state)
+    # the tangent of u alone, without the v head; u's dropout masks still match unless a backbone
+    # draws the v head's masks before u's output
+    cond_u = {k: v for k, v in cond.items() if k != "return_v"}
     with torch.no_grad():
-        res = torch.func.jvp(f, (z, t, h), (tangent, ones, ones), has_aux=aux)
-    return out, res[1]
+        _, dudt = torch.func.jvp(lambda z_, t_, h_: net(z_, t_, h_, cond_u), (z, t, h), (tangent, ones, ones))
+    return out, dudt
 
 
 def u_and_dudt(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiable: bool = False):
