@@ -139,7 +139,7 @@ class MeanFlow:
                           {"y": torch.cat([null, y[i]])})
                 v_u, v_c = out[:m], out[m:]
                 g = cfg.cfg_omega * vi + cfg.cfg_kappa * v_c + (1 - cfg.cfg_omega - cfg.cfg_kappa) * v_u
-        return v.index_copy(0, i, g)
+        return v.index_copy(0, i, g.to(v.dtype))  # the forwards may have run under autocast
 
     # -- curriculum, §6 ----------------------------------------------------------------------
 

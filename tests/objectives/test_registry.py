@@ -35,3 +35,21 @@ def test_build_from_default_config_and_step(name, num_classes):
     loss.backward()
     assert loss.dim() == 0 and torch.isfinite(loss) and "mse" in logs
     assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+
+
+@pytest.mark.parametrize("name", ["fm", "mf", "imf", "mmf", "splitmf"])
+def test_step_under_bf16_autocast(name):
+    from mf_backbones.mlp import MLP, MLPConfig
+
+    factory, config, _ = _registered()[name]
+    kwargs = {"cfg_omega": 2.0} if name in ("mf", "mmf") else {}
+    obj = factory(config(**kwargs), num_classes=3)
+    if name == "imf":
+        net = TinyNet(shape=(2,), num_classes=3).float()
+    else:
+        net = MLP(MLPConfig(width=32, depth=2), shape=(2,), num_classes=3)
+    x, y = torch.randn(32, 2), torch.randint(0, 3, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = obj.loss(net, x, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
