@@ -160,7 +160,8 @@ def variants(ratio: float, has_v_head: bool) -> dict:
         "fm": FlowMatching(FMConfig()),
         f"mf ρ={ratio} fused": MeanFlow(MFConfig(ratio_r_neq_t=ratio, jvp_mode="fused")),
         f"mf ρ={ratio} split": MeanFlow(MFConfig(ratio_r_neq_t=ratio, jvp_mode="split")),
-        f"mf ρ={ratio} whole-batch jvp (reference style)": WholeBatchMeanFlow(MFConfig(ratio_r_neq_t=ratio, jvp_mode="fused")),
+        f"mf ρ={ratio} whole-batch jvp (reference style)":
+            WholeBatchMeanFlow(MFConfig(ratio_r_neq_t=ratio, jvp_mode="fused")),
         "mf ρ=0.75 fused": MeanFlow(MFConfig(ratio_r_neq_t=0.75, jvp_mode="fused")),
         "mf ρ=0.75 split": MeanFlow(MFConfig(ratio_r_neq_t=0.75, jvp_mode="split")),
         "imf ρ=0.5 (boundary v)": ImprovedMeanFlow(IMFConfig(v_source="boundary")),

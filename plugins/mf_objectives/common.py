@@ -16,7 +16,7 @@ import torch
 from mfcli.errors import MFError
 
 # ---------------------------------------------------------------------------------------
-# (t, r) samplers (MeanFlow §1.3 / METHODS §1.3)
+# (t, r) samplers (METHODS §1.3)
 # ---------------------------------------------------------------------------------------
 
 # name -> (t_mean, t_std, r_mean, r_std, how (t, r) are formed, how r = t is assigned)
@@ -103,7 +103,7 @@ def sum_sq(delta: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(sq: torch.Tensor, p: float, c: float) -> torch.Tensor:
-    """w = 1 / sg(||Δ||² + c)^p (MeanFlow Eq. 22 / §1.1). p = 0 is the plain squared error."""
+    """w = 1 / sg(||Δ||² + c)^p, MeanFlow's adaptive loss weighting (METHODS §1.1). p = 0: plain squared error."""
     if p == 0:
         return torch.ones_like(sq)
     return (sq.detach() + c).pow(-p)

@@ -8,7 +8,7 @@ trajectory it satisfies the MeanFlow identity (Eq. 6)
 
 so the regression target is u_tgt = sg(ṽ - (t - r) d/dt u_θ) (Eq. 10), with d/dt u_θ a JVP
 of the network along (ṽ, dt = 1, dr = 0). The loss per sample is the adaptively weighted
-sum of squares ||Δ||² / sg(||Δ||² + c)^p (Eq. 22). METHODS §1 is the exact spec.
+sum of squares ||Δ||² / sg(||Δ||² + c)^p (adaptive loss weighting). METHODS §1 is the exact spec.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class MeanFlow:
             raise MFError(f"label_drop_prob must lie in [0, 1), got {cfg.label_drop_prob}")
         self.guided = bool(num_classes) and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
         if self.guided:
-            # the model learns the guided field of effective scale ω' = ω / (1 - κ) (Eq. 21); sample with 1 NFE, no CFG
+            # the model learns the guided field of effective scale ω' = ω / (1 - κ) (Eq. 21):
+            # sample with 1 NFE and no external CFG
             self.guidance, self.cfg_scale = "folded", cfg.cfg_omega / (1.0 - cfg.cfg_kappa)
         else:
             self.guidance = "cfg" if num_classes and cfg.label_drop_prob > 0 else "none"
@@ -104,7 +105,7 @@ class MeanFlow:
         null class count as dropped.
         """
         if not self.num_classes:
-            return None, torch.ones(n, dtype=torch.bool, device=device)
+            return None, torch.zeros(n, dtype=torch.bool, device=device)
         if y is None:
             y = null_labels(n, self.num_classes, device)
         n_drop = int((torch.rand(n, device=device) < self.cfg.label_drop_prob).sum())
@@ -115,7 +116,7 @@ class MeanFlow:
 
     @torch.no_grad()
     def guided_velocity(self, net, z, t, v, y, dropped):
-        """ṽ = ω v + κ v_c + (1 - ω - κ) v_u inside the guidance interval, ṽ = v elsewhere and on dropped samples.
+        """ṽ = ω v + κ v_c + (1 - ω - κ) v_u inside the guidance interval; ṽ = v outside and on dropped samples.
 
         v_u = u_θ(z_t, t, h=0, ∅) and v_c = u_θ(z_t, t, h=0, y) are the model's own instantaneous
         velocities (eval mode, no gradient). MeanFlow Eq. 19 (κ = 0) and Eq. 21.
@@ -135,8 +136,8 @@ class MeanFlow:
                 v_u = net(zi, ti, torch.zeros_like(ti), {"y": null})
                 g = v_u + cfg.cfg_omega * (vi - v_u)
             else:  # one pass over [∅; y] instead of two
-                out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), torch.zeros(2 * m, dtype=ti.dtype, device=ti.device),
-                          {"y": torch.cat([null, y[i]])})
+                zero = torch.zeros(2 * m, dtype=ti.dtype, device=ti.device)
+                out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), zero, {"y": torch.cat([null, y[i]])})
                 v_u, v_c = out[:m], out[m:]
                 g = cfg.cfg_omega * vi + cfg.cfg_kappa * v_c + (1 - cfg.cfg_omega - cfg.cfg_kappa) * v_u
         return v.index_copy(0, i, g.to(v.dtype))  # the forwards may have run under autocast
@@ -157,7 +158,7 @@ class MeanFlow:
         return float(1.0 / (1.0 - gap).mean())
 
     def gap_weight(self, gap: torch.Tensor, step: int) -> torch.Tensor:
-        """β(Δt, s) = 1 - s + λ s (1 - Δt), s = 1 - (step / T)^k (Kim et al., §6); 1 when disabled."""
+        """β(Δt, s) = 1 - s + λ s (1 - Δt), s = 1 - (step / T)^k (Kim et al., METHODS §6); 1 when disabled."""
         if self.gap_lambda is None:
             return torch.ones_like(gap)
         cfg = self.cfg

@@ -98,7 +98,7 @@ class SplitMeanFlow:
     def split_target(self, net, z, t, r, lam, cond):
         """(1 - λ) u_θ(z_s, r, s) + λ u_θ(z_t, s, t), z_s = z_t - (t - s) u_θ(z_t, s, t) (Algorithm 1)."""
         s = (1 - lam) * t + lam * r
-        with eval_mode(net):
+        with eval_mode(net):  # a deterministic target, like the guidance forwards of mf
             u2 = net(z, t, t - s, cond)
             z_s = z - expand(t - s, z) * u2
             u1 = net(z_s, s, s - r, cond)
