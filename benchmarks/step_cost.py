@@ -53,8 +53,11 @@ PRESETS = {
     "mlp": dict(shape=(2,), batch=4096, config=dict(width=256, depth=4)),
     "convnet": dict(shape=(3, 16, 16), batch=64, config=dict()),
     "dit": dict(shape=(4, 16, 16), batch=32, config=dict(variant="DiT-S/2", depth=6, hidden=256, heads=4, patch=2)),
-    "unet": dict(shape=(3, 16, 16), batch=32,
-                 config=dict(channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)),
+    "dit-ic": dict(shape=(4, 16, 16), batch=32,
+                   config=dict(variant="iMF-B/2", depth=6, hidden=256, heads=4, patch=2, head_depth=2)),
+    "unet": dict(shape=(3, 32, 32), batch=16,
+                 config=dict(variant="UNet-XS", channels=32, channel_mult=[1, 2, 2], num_blocks=1,
+                             attn_resolutions=[16], dropout=0.0)),
 }
 
 

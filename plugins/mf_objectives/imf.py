@@ -145,7 +145,10 @@ class ImprovedMeanFlow:
         # the tangent is the model's guided velocity v_c (computed before the label drop, as the official code)
         h = t - r
         if head:
-            (u, v), dudt = u_and_dudt(net, z, t, h, dict(cond, return_v=True), v_c, mode=self.cfg.jvp_mode)
+            cond = dict(cond, return_v=True)
+            if "v_tangent" in getattr(net, "conditions", ()):
+                cond["v_tangent"] = False  # the loss never reads dv/dt: let the backbone skip it
+            (u, v), dudt = u_and_dudt(net, z, t, h, cond, v_c, mode=self.cfg.jvp_mode)
         else:
             (u, dudt), v = u_and_dudt(net, z, t, h, cond, v_c, mode=self.cfg.jvp_mode), None
         V = u + expand(h, x) * dudt

@@ -104,3 +104,29 @@ def test_imf_rejects_net_without_guidance_inputs():
     net = MLP(MLPConfig(width=8, depth=1), shape=(2,), num_classes=3)
     with pytest.raises(Exception, match="omega"):
         ImprovedMeanFlow(num_classes=3).loss(net, torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_imf_on_the_in_context_dit_fused_equals_split(num_classes):
+    dit_ic = pytest.importorskip("mf_backbones.dit_incontext")
+    cfg = dit_ic.InContextDiTConfig(depth=2, hidden=32, heads=2, patch=2, head_depth=1, class_tokens=2,
+                                    omega_tokens=1, interval_tokens=1, time_tokens=1)
+    torch.manual_seed(0)
+    net = dit_ic.build_dit_ic(cfg, shape=(2, 4, 4), num_classes=num_classes)
+    with torch.no_grad():  # the zero-initialised output layers would make every tangent zero
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(6, 2, 4, 4)
+    y = torch.randint(0, num_classes, (6,)) if num_classes else None
+    t = torch.tensor([0.9, 0.8, 0.6, 0.5, 0.3, 0.95])
+    r = torch.tensor([0.9, 0.1, 0.6, 0.2, 0.0, 0.5])
+    e = torch.randn_like(x)
+    pins = dict(omega=torch.full((6,), 3.0), t_min=torch.full((6,), 0.1), t_max=torch.full((6,), 0.9))
+    out = {}
+    for mode in ("fused", "split"):
+        obj = ImprovedMeanFlow(IMFConfig(jvp_mode=mode, label_drop_prob=0.0), num_classes=num_classes)
+        loss, _ = obj.loss(net, x, y, t=t, r=r, noise=e, **pins)
+        out[mode] = (loss.detach(), torch.autograd.grad(loss, list(net.parameters())))
+    torch.testing.assert_close(out["fused"][0], out["split"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out["fused"][1], out["split"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
