@@ -9,7 +9,7 @@ from mfcli import hookimpl
 
 __version__ = "0.1.0"
 
-MODULES: tuple[str, ...] = ("flow_matching", "meanflow")
+MODULES: tuple[str, ...] = ("flow_matching", "meanflow", "imf", "mmf", "splitmf")
 
 
 @hookimpl

@@ -16,7 +16,7 @@ import torch
 from mfcli.errors import MFError
 
 # ---------------------------------------------------------------------------------------
-# (t, r) samplers (MeanFlow §1.3 / METHODS §1.3)
+# (t, r) samplers (METHODS §1.3)
 # ---------------------------------------------------------------------------------------
 
 # name -> (t_mean, t_std, r_mean, r_std, how (t, r) are formed, how r = t is assigned)
@@ -103,7 +103,7 @@ def sum_sq(delta: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(sq: torch.Tensor, p: float, c: float) -> torch.Tensor:
-    """w = 1 / sg(||Δ||² + c)^p (MeanFlow Eq. 22 / §1.1). p = 0 is the plain squared error."""
+    """w = 1 / sg(||Δ||² + c)^p, MeanFlow's adaptive loss weighting (METHODS §1.1). p = 0: plain squared error."""
     if p == 0:
         return torch.ones_like(sq)
     return (sq.detach() + c).pow(-p)
@@ -175,8 +175,16 @@ def jvp_u(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiable: b
     RNG state restored in between so that dropout draws the same masks.
     ``differentiable`` keeps the graph of du/dt (Modular MeanFlow, λ > 0; fused only).
 
+    Autocast is switched off here: the JVP runs in the inputs' precision (fp32), as the official
+    PyTorch code does, since low-precision tangents are where MeanFlow training goes unstable.
+
     Returns ``(out, dudt)`` where ``out`` is u, or (u, v) when ``cond["return_v"]``.
     """
+    with torch.autocast(z.device.type, enabled=False):
+        return _jvp_u(net, z, t, h, cond, tangent.to(z.dtype), mode, differentiable)
+
+
+def _jvp_u(net, z, t, h, cond, tangent, mode, differentiable):
     aux = bool(cond.get("return_v"))
 
     def f(z_, t_, h_):
@@ -192,9 +200,16 @@ def jvp_u(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiable: b
     state = _rng_state(z.device)
     out = f(z, t, h)
     _set_rng_state(z.device, state)
+    # the tangent of u alone, without the v head; u's dropout masks still match unless a backbone
+    # draws the v head's masks before u's output
+    cond_u = {k: v for k, v in cond.items() if k != "return_v"}
     with torch.no_grad():
-        res = torch.func.jvp(f, (z, t, h), (tangent, ones, ones), has_aux=aux)
-    return out, res[1]
+        _, dudt = torch.func.jvp(lambda z_, t_, h_: net(z_, t_, h_, cond_u), (z, t, h), (tangent, ones, ones))
+    return out, dudt
+
+
+def _cast(out, dtype):
+    return tuple(a.to(dtype) for a in out) if isinstance(out, tuple) else out.to(dtype)
 
 
 def u_and_dudt(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiable: bool = False):
@@ -207,13 +222,13 @@ def u_and_dudt(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiab
     n = z.shape[0]
     need = h > 0
     n_mf = int(need.sum())
-    if n_mf == 0:
-        return net(z, t, h, cond), torch.zeros_like(z)
+    if n_mf == 0:  # the plain forwards may run under the caller's autocast; the loss is taken in z's dtype
+        return _cast(net(z, t, h, cond), z.dtype), torch.zeros_like(z)
     if n_mf == n:
         return jvp_u(net, z, t, h, cond, tangent, mode=mode, differentiable=differentiable)
     i_mf = need.nonzero().squeeze(1)
     i_fm = (~need).nonzero().squeeze(1)
-    out_fm = net(z[i_fm], t[i_fm], h[i_fm], take(cond, i_fm, n))
+    out_fm = _cast(net(z[i_fm], t[i_fm], h[i_fm], take(cond, i_fm, n)), z.dtype)
     out_mf, dudt_mf = jvp_u(net, z[i_mf], t[i_mf], h[i_mf], take(cond, i_mf, n), tangent[i_mf],
                             mode=mode, differentiable=differentiable)
 

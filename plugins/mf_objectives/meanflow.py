@@ -8,7 +8,7 @@ trajectory it satisfies the MeanFlow identity (Eq. 6)
 
 so the regression target is u_tgt = sg(ṽ - (t - r) d/dt u_θ) (Eq. 10), with d/dt u_θ a JVP
 of the network along (ṽ, dt = 1, dr = 0). The loss per sample is the adaptively weighted
-sum of squares ||Δ||² / sg(||Δ||² + c)^p (Eq. 22). METHODS §1 is the exact spec.
+sum of squares ||Δ||² / sg(||Δ||² + c)^p (adaptive loss weighting). METHODS §1 is the exact spec.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ class MFConfig:
     cfg_t_max: float = 1.0
     label_drop_prob: float = 0.1  # labels -> null class; those samples regress the plain velocity
     # performance
-    jvp_mode: str = "fused"  # "fused": one jvp with a gradient-carrying primal; "split": forward + no-grad jvp
+    # "split": gradient forward + no-grad jvp (RNG restored); "fused": one jvp whose primal carries the gradient.
+    # benchmarks/RESULTS.md: fused is 3-6 % faster but holds the tangent's graph (1.6-2.1x fm memory at
+    # ratio 0.25), split stays at 1.1-1.2x; split is the default. Ignored (fused) when gradients flow through du/dt.
+    jvp_mode: str = "split"
     # time-gap curriculum, METHODS §6: weight β(Δt, s) = 1 - s + λ s (1 - Δt) on the r != t samples
     gap_curriculum: bool = False  # enable the curriculum
     gap_curriculum_steps: int = 0  # steps T over which s = 1 - (step/T)^k goes from 1 to 0 (set to the run length)
@@ -76,7 +79,8 @@ class MeanFlow:
             raise MFError(f"label_drop_prob must lie in [0, 1), got {cfg.label_drop_prob}")
         self.guided = bool(num_classes) and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
         if self.guided:
-            # the model learns the guided field of effective scale ω' = ω / (1 - κ) (Eq. 21); sample with 1 NFE, no CFG
+            # the model learns the guided field of effective scale ω' = ω / (1 - κ) (Eq. 21):
+            # sample with 1 NFE and no external CFG
             self.guidance, self.cfg_scale = "folded", cfg.cfg_omega / (1.0 - cfg.cfg_kappa)
         else:
             self.guidance = "cfg" if num_classes and cfg.label_drop_prob > 0 else "none"
@@ -101,7 +105,7 @@ class MeanFlow:
         null class count as dropped.
         """
         if not self.num_classes:
-            return None, torch.ones(n, dtype=torch.bool, device=device)
+            return None, torch.zeros(n, dtype=torch.bool, device=device)
         if y is None:
             y = null_labels(n, self.num_classes, device)
         n_drop = int((torch.rand(n, device=device) < self.cfg.label_drop_prob).sum())
@@ -112,7 +116,7 @@ class MeanFlow:
 
     @torch.no_grad()
     def guided_velocity(self, net, z, t, v, y, dropped):
-        """ṽ = ω v + κ v_c + (1 - ω - κ) v_u inside the guidance interval, ṽ = v elsewhere and on dropped samples.
+        """ṽ = ω v + κ v_c + (1 - ω - κ) v_u inside the guidance interval; ṽ = v outside and on dropped samples.
 
         v_u = u_θ(z_t, t, h=0, ∅) and v_c = u_θ(z_t, t, h=0, y) are the model's own instantaneous
         velocities (eval mode, no gradient). MeanFlow Eq. 19 (κ = 0) and Eq. 21.
@@ -132,11 +136,11 @@ class MeanFlow:
                 v_u = net(zi, ti, torch.zeros_like(ti), {"y": null})
                 g = v_u + cfg.cfg_omega * (vi - v_u)
             else:  # one pass over [∅; y] instead of two
-                out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), torch.zeros(2 * m, dtype=ti.dtype, device=ti.device),
-                          {"y": torch.cat([null, y[i]])})
+                zero = torch.zeros(2 * m, dtype=ti.dtype, device=ti.device)
+                out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), zero, {"y": torch.cat([null, y[i]])})
                 v_u, v_c = out[:m], out[m:]
                 g = cfg.cfg_omega * vi + cfg.cfg_kappa * v_c + (1 - cfg.cfg_omega - cfg.cfg_kappa) * v_u
-        return v.index_copy(0, i, g)
+        return v.index_copy(0, i, g.to(v.dtype))  # the forwards may have run under autocast
 
     # -- curriculum, §6 ----------------------------------------------------------------------
 
@@ -154,7 +158,7 @@ class MeanFlow:
         return float(1.0 / (1.0 - gap).mean())
 
     def gap_weight(self, gap: torch.Tensor, step: int) -> torch.Tensor:
-        """β(Δt, s) = 1 - s + λ s (1 - Δt), s = 1 - (step / T)^k (Kim et al., §6); 1 when disabled."""
+        """β(Δt, s) = 1 - s + λ s (1 - Δt), s = 1 - (step / T)^k (Kim et al., METHODS §6); 1 when disabled."""
         if self.gap_lambda is None:
             return torch.ones_like(gap)
         cfg = self.cfg
@@ -166,6 +170,10 @@ class MeanFlow:
     def lam(self, step: int) -> float:
         """Gradient fraction through d/dt u (0 for MeanFlow; Modular MeanFlow overrides)."""
         return 0.0
+
+    def tangent(self, net, z, t, h, v_tilde, cond):
+        """The z-tangent of the JVP: the (guided) conditional velocity ṽ (MeanFlow Eq. 8)."""
+        return v_tilde
 
     def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None):
         """Prediction u, target u_tgt and their parts for the batch (all per sample)."""
@@ -182,7 +190,8 @@ class MeanFlow:
         v_tilde = self.guided_velocity(net, z, t, v, y_in, dropped)
         lam = self.lam(step)
         h = t - r
-        u, dudt = u_and_dudt(net, z, t, h, cond, v_tilde, mode=self.cfg.jvp_mode, differentiable=lam > 0)
+        tangent = self.tangent(net, z, t, h, v_tilde, cond)
+        u, dudt = u_and_dudt(net, z, t, h, cond, tangent, mode=self.cfg.jvp_mode, differentiable=lam > 0)
         gap = h.clamp(0.0, 1.0) if self.cfg.clip_gap else h
         # Δ = u - sg(ṽ - gap·du/dt) for λ = 0; Modular MeanFlow lets a fraction λ of the gradient through du/dt
         dudt_mod = dudt.detach() if lam == 0 else lam * dudt + (1 - lam) * dudt.detach()

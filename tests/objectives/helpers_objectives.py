@@ -147,28 +147,29 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed
     return float((pa - pb).abs().mean())
 
 
-def train_toy(objective, distribution: str, *, steps: int, batch: int = 512, width: int = 256, depth: int = 4,
-              lr: float = 1e-3, seed: int = 0, ema: float = 0.999):
-    """Adam on the MLP backbone; returns the EMA network."""
+def train_toy(objective, recipe: dict, *, seed: int = 0):
+    """Adam on the MLP backbone with a recipe's [data], [backbone] and [train] values; returns the EMA net."""
     import copy
 
     from mf_backbones.mlp import MLP, MLPConfig
 
+    data, bb, tr = recipe["data"], recipe["backbone"], recipe["train"]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    net = MLP(MLPConfig(width=width, depth=depth), shape=(2,), num_classes=0)
+    net = MLP(MLPConfig(width=bb["width"], depth=bb["depth"]), shape=(2,), num_classes=0)
     ema_net = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999))
-    for step in range(steps):
-        x = toy_data(distribution, batch, g)
+    decay = tr["ema_decays"][0]
+    opt = torch.optim.Adam(net.parameters(), lr=tr["lr"], betas=tuple(tr["betas"]))
+    for step in range(tr["steps"]):
+        x = toy_data(data["distribution"], data["batch_size"], g)
         loss, _ = objective.loss(net, x, step=step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), tr["grad_clip"])
         opt.step()
         with torch.no_grad():
             for pe, p in zip(ema_net.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - ema)
+                pe.lerp_(p, 1 - decay)
     return ema_net
 
 

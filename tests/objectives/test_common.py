@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from helpers_objectives import TinyNet, fd_dudt
 
 from mf_objectives.common import TIME_SAMPLERS, TimeSampler, adaptive_weight, jvp_u, u_and_dudt
@@ -152,3 +153,26 @@ def test_adaptive_weight():
     torch.testing.assert_close(w, (sq.detach() + 1e-3) ** -0.75)
     assert not w.requires_grad
     assert (adaptive_weight(sq, 0.0, 1e-3) == 1).all()
+
+
+def test_jvp_runs_in_fp32_under_autocast():
+    # the engine may wrap the step in bf16 autocast; the tangent must still be fp32-accurate
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.SiLU(), nn.Linear(64, 2))
+
+    def f(z, t, h, cond=None):
+        return net(torch.cat([z, t[:, None], h[:, None]], 1))
+
+    g = torch.Generator().manual_seed(0)
+    z, tan = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    t = torch.rand(16, generator=g) * 0.9 + 0.1
+    h = t * torch.rand(16, generator=g)
+    h[:8] = 0
+    u_ref, d_ref = u_and_dudt(f, z, t, h, {}, tan)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, d = u_and_dudt(f, z, t, h, {}, tan)
+        plain = f(z, t, h)
+    assert plain.dtype == torch.bfloat16 and u.dtype == d.dtype == torch.float32
+    torch.testing.assert_close(d, d_ref, rtol=1e-6, atol=1e-6)  # fp32 tangent
+    torch.testing.assert_close(u[8:], u_ref[8:], rtol=1e-6, atol=1e-6)
+    assert (u[:8] - u_ref[:8]).abs().max() > 1e-5  # the r = t forwards did run in bf16

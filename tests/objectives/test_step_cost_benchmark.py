@@ -1,0 +1,32 @@
+"""benchmarks/step_cost.py: its RESULTS.md block is replaced in place and nothing else is touched."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+step_cost = pytest.importorskip("step_cost")
+
+
+def test_results_block_replaced_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nother text\n\n<!-- BEGIN other -->\nkeep\n<!-- END other -->\n")
+    monkeypatch.setattr(step_cost, "RESULTS", path)
+    step_cost.write_results({"mlp": "### mlp\n\nfirst\n"})
+    step_cost.write_results({"convnet": "### convnet\n\nsecond\n"})
+    step_cost.write_results({"mlp": "### mlp\n\nthird\n"})
+    text = path.read_text()
+    assert text.startswith("# Results\n\nother text\n\n<!-- BEGIN other -->\nkeep\n<!-- END other -->\n")
+    assert text.count(step_cost.BEGIN) == 1 and text.count(step_cost.END) == 1
+    assert "third" in text and "second" in text and "first" not in text
+
+
+def test_measure_runs_on_a_tiny_mlp():
+    torch.manual_seed(0)
+    net, shape, _, _ = step_cost.build_backbone("mlp", {"width": 16, "depth": 1})
+    x = torch.randn(64, *shape)
+    res = step_cost.measure(net, x, step_cost.variants(0.25, False), rounds=1, warmup=0)
+    assert res["fm"]["ratio"] == 1.0 and res["fm"]["mem_ratio"] == 1.0
+    assert all(r["mem"] > 0 and r["ms"] > 0 for r in res.values())
