@@ -24,8 +24,8 @@ from mfcli.plugins import registry  # noqa: E402
 CASES = {
     # name: (backbone, config overrides, shape, num_classes, batch)
     "MLP 256x4, 2-D": ("mlp", {"width": 256, "depth": 4}, (2,), 0, 4096),
-    "DiT-S/2 (small), 32x32x3, class-cond.": ("dit", {"variant": "DiT-S/2", "depth": 4}, (3, 32, 32), 10, 64),
-    "UNet (small), 32x32x3": ("unet", {"channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [16]}, (3, 32, 32), 0, 64),
+    "DiT-S/4 (depth 4), 32x32x3, class-cond.": ("dit", {"variant": "DiT-S/4", "depth": 4}, (3, 32, 32), 10, 64),
+    "UNet-XS, 32x32x3": ("unet", {"variant": "UNet-XS"}, (3, 32, 32), 0, 64),
 }
 
 
@@ -63,7 +63,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
 
         def sampled():
-            draw(net, _NoGuidance(), shape, 0, num=batch, nfe=1, generator=g, device=device, batch_size=batch)
+            draw(net, _NoGuidance(), shape, ncls, num=batch, nfe=1, generator=g, device=device, batch_size=batch)
 
         times = paired_times({"bare": bare, "sample": sampled}, device, rounds=args.rounds)
         ratio = median_ratio(times["bare"], times["sample"])  # (samples/s) / (forward images/s)

@@ -194,11 +194,11 @@ class Trainer:
             raise MFError(f"train.steps must be at least 1, got {self.cfg.steps}.")
         if recipe.loader.batch_size % self.dist.world_size:
             raise MFError(f"data.batch_size {recipe.loader.batch_size} is not divisible by the {self.dist.world_size} processes.")
-        self.local_batch = recipe.loader.batch_size // self.dist.world_size
+        # The loader cuts every global batch into one slice per rank, so DDP sees the single-process batch.
         self.loader = make_loader(
-            self.dataset, batch_size=self.local_batch, device=self.device, seed=self.cfg.seed,
+            self.dataset, batch_size=recipe.loader.batch_size, device=self.device, seed=self.cfg.seed,
             rank=self.dist.rank, world_size=self.dist.world_size, on_device=recipe.loader.on_device,
-            num_workers=recipe.loader.num_workers, hflip=bool(getattr(recipe.data, "hflip", False)),
+            num_workers=recipe.loader.num_workers,
         )
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, self.cfg)
