@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from mfcli.errors import MFError
+from mfcli.runs import atomic_write_with
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -203,17 +203,11 @@ def save_stats(path: str | os.PathLike, mu: ArrayLike, sigma: ArrayLike, **meta:
         path += ".npz"
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temp name
             np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), meta=json.dumps(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write_with(path, write)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from rich.table import Table
 
 from mfcli.errors import MFError
+from mfcli.runs import atomic_write_with
 
 EVAL_FILENAME = "eval.json"
 
@@ -100,18 +100,12 @@ def write_eval_json(run_dir: str | os.PathLike, results: Mapping[str, Any]) -> s
         raise MFError(f"The run directory {run_dir} does not exist.")
     path = os.path.join(run_dir, EVAL_FILENAME)
     merged = _merge(read_eval_json(run_dir), _jsonable(dict(results)))
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".eval-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(merged, f, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write_with(path, write)
     return path
 
 
