@@ -55,7 +55,7 @@ PRESETS = {
     "dit": dict(shape=(4, 16, 16), batch=32, config=dict(variant="DiT-S/2", depth=6, hidden=256, heads=4, patch=2)),
     "dit-ic": dict(shape=(4, 16, 16), batch=32,
                    config=dict(variant="iMF-B/2", depth=6, hidden=256, heads=4, patch=2, head_depth=2)),
-    "unet": dict(shape=(3, 32, 32), batch=16,
+    "unet": dict(shape=(3, 32, 32), batch=32,
                  config=dict(variant="UNet-XS", channels=32, channel_mult=[1, 2, 2], num_blocks=1,
                              attn_resolutions=[16], dropout=0.0)),
 }
@@ -282,7 +282,8 @@ def write_results(sections: dict[str, str]) -> None:
         "Step = forward + loss + backward. ρ = ratio_r_neq_t. \"fused\": one `torch.func.jvp` on the r ≠ t "
         "samples whose primal carries the gradient; \"split\": gradient forward + no-grad JVP; "
         "\"whole-batch jvp\": the tangent on every sample as public ports do. Peak act. = peak bytes of tensors "
-        "allocated in the step and alive at once.\n\n"
+        "allocated in the step and alive at once. mf and imf default to split (docs/objectives.md). "
+        "On a shared CPU the time ratios of repeated runs differ by up to about ±0.07.\n\n"
     )
     body = intro + "\n".join(old[k] for k in old) + "\n"
     RESULTS.write_text(head + BEGIN + "\n" + body + END + tail)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mfcli.errors import MFError
 
@@ -163,6 +164,45 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _layer_norm_composite(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """layer_norm from mean/var ops, whose forward-mode tangent backpropagates correctly."""
+    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    dims = tuple(range(-n, 0))
+    centred = input - input.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+@contextlib.contextmanager
+def _second_order_jvp():
+    """Make a du/dt whose own gradient is right (Modular MeanFlow, λ > 0).
+
+    Two things break it silently, both checked against finite differences in float64:
+    * the built-in backbones' cheap forward-mode rules are ``autograd.Function.jvp`` methods,
+      and backpropagating through a tangent computed that way misses terms: PyTorch's own
+      rules are used instead;
+    * PyTorch's forward-mode rule of ``F.layer_norm`` (torch 2.15) is not differentiated
+      correctly by backward: a composite layer norm stands in for it during the JVP.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            from mf_backbones.jvp_ops import custom_jvp_rules
+        except ImportError:
+            pass
+        else:
+            stack.enter_context(custom_jvp_rules(False))
+        saved = F.layer_norm
+        F.layer_norm = _layer_norm_composite
+        try:
+            yield
+        finally:
+            F.layer_norm = saved
+
+
 def jvp_u(net, z, t, h, cond, tangent, *, mode: str = "fused", differentiable: bool = False):
     """The network output at (z, t, h) and its total derivative along (tangent, dt = 1, dr = 0).
 
@@ -192,7 +232,8 @@ def _jvp_u(net, z, t, h, cond, tangent, mode, differentiable):
 
     ones = torch.ones_like(t)
     if mode == "fused" or differentiable:
-        res = torch.func.jvp(f, (z, t, h), (tangent, ones, ones), has_aux=aux)
+        with _second_order_jvp() if differentiable else contextlib.nullcontext():
+            res = torch.func.jvp(f, (z, t, h), (tangent, ones, ones), has_aux=aux)
         out = (res[0], res[2]) if aux else res[0]
         return out, (res[1] if differentiable else res[1].detach())
     if mode != "split":

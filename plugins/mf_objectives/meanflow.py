@@ -53,8 +53,8 @@ class MFConfig:
     label_drop_prob: float = 0.1  # labels -> null class; those samples regress the plain velocity
     # performance
     # "split": gradient forward + no-grad jvp (RNG restored); "fused": one jvp whose primal carries the gradient.
-    # benchmarks/RESULTS.md: fused is 3-6 % faster but holds the tangent's graph (1.6-2.1x fm memory at
-    # ratio 0.25), split stays at 1.1-1.2x; split is the default. Ignored (fused) when gradients flow through du/dt.
+    # benchmarks/RESULTS.md: fused is usually a few % faster but holds the tangent's graph (up to 1.6-2.1x fm
+    # memory at ratio 0.25); split stays within 1.2x, so it is the default. Fused whenever gradients flow through du/dt.
     jvp_mode: str = "split"
     # time-gap curriculum, METHODS §6: weight β(Δt, s) = 1 - s + λ s (1 - Δt) on the r != t samples
     gap_curriculum: bool = False  # enable the curriculum

@@ -176,3 +176,38 @@ def test_jvp_runs_in_fp32_under_autocast():
     torch.testing.assert_close(d, d_ref, rtol=1e-6, atol=1e-6)  # fp32 tangent
     torch.testing.assert_close(u[8:], u_ref[8:], rtol=1e-6, atol=1e-6)
     assert (u[:8] - u_ref[:8]).abs().max() > 1e-5  # the r = t forwards did run in bf16
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "layer_norm_affine", "group_norm"])
+def test_differentiable_jvp_through_normalisation_layers(norm):
+    # torch's forward-mode rule of layer_norm is not backpropagated correctly; the differentiable
+    # JVP must still give the true gradient of <w, du/dt> (central differences in parameter space)
+    torch.manual_seed(0)
+    layer = {"layer_norm": nn.LayerNorm(8, elementwise_affine=False), "layer_norm_affine": nn.LayerNorm(8),
+             "group_norm": nn.GroupNorm(2, 8)}[norm]
+    inp, out = nn.Linear(10, 8), nn.Linear(8, 2)
+    seq = nn.Sequential(inp, layer, nn.SiLU(), out).double()
+    if norm != "layer_norm":
+        with torch.no_grad():
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+
+    def net(z, t, h, cond=None):
+        return seq(torch.cat([z, t[:, None].expand(-1, 4), h[:, None].expand(-1, 4)], 1))
+
+    z, t, h, tan, _ = _batch(n=5, shape=(2,))
+    w = torch.randn(5, 2, dtype=torch.float64)
+    params = list(seq.parameters())
+    _, d = jvp_u(net, z, t, h, {}, tan, differentiable=True)
+    grads = torch.autograd.grad((d * w).sum(), params, allow_unused=True)
+    dirs = [torch.randn_like(p) for p in params]
+    analytic = sum((g * q).sum() for g, q in zip(grads, dirs) if g is not None)
+    eps, vals = 1e-6, []
+    for sgn in (1, -1):
+        with torch.no_grad():
+            for p, q in zip(params, dirs):
+                p.add_(sgn * eps * q)
+            vals.append((jvp_u(net, z, t, h, {}, tan)[1] * w).sum())
+            for p, q in zip(params, dirs):
+                p.sub_(sgn * eps * q)
+    torch.testing.assert_close(analytic, (vals[0] - vals[1]) / (2 * eps), rtol=1e-6, atol=1e-8)
+    assert torch.nn.functional.layer_norm.__name__ == "layer_norm"  # restored after the JVP
