@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .jvp_ops import custom_jvp_active, forward_ad_active
+from .jvp_ops import _save_for_backward, custom_jvp_active, forward_ad_active
 
 __all__ = [
     "attention",
@@ -138,7 +138,7 @@ class JVPAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v):
+    def forward(q, k, v, grad_mode=True):
         if torch.compiler.is_compiling() and forward_ad_active():
             # Dynamo inlines this forward and drops `jvp` (pytorch#192985); plain ops
             # keep the tangent exact without the (T, T) matrix.
@@ -147,13 +147,14 @@ class JVPAttention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v = inputs
+        q, k, v = inputs[:3]
+        ctx.grad_mode = inputs[3] if len(inputs) > 3 else True
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(q, k, v, output)
-        ctx.save_for_backward(q, k, v)
+        _save_for_backward(ctx, q, k, v)
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv):
+    def jvp(ctx, dq, dk, dv, *_):
         q, k, v, o = ctx.saved_tensors
         return attention_tangent(q, k, v, o, dq, dk, dv)
 
@@ -161,14 +162,14 @@ class JVPAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v = ctx.saved_tensors
         if grad is None:
-            return None, None, None
-        needs = ctx.needs_input_grad
+            return None, None, None, None
+        needs = ctx.needs_input_grad[:3]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
             out = F.scaled_dot_product_attention(*leaves)
             wrt = [t for t, n in zip(leaves, needs) if n]
             grads = iter(torch.autograd.grad(out, wrt, grad))
-        return tuple(next(grads) if n else None for n in needs)
+        return (*(next(grads) if n else None for n in needs), None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -189,5 +190,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if forward_ad_active():
         # the fused kernels have no forward-mode rule; with custom rules switched off
         # (baselines) the plain-ops reference is the only exact option
-        return JVPAttention.apply(q, k, v) if custom_jvp_active() else attention_math(q, k, v)
+        if custom_jvp_active():
+            return JVPAttention.apply(q, k, v, torch.is_grad_enabled())
+        return attention_math(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

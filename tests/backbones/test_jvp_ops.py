@@ -36,6 +36,9 @@ def _cases():
         "layer_norm_2d": (lambda x, w, b: jvp_ops.layer_norm(x, (4, 6), w, b, 1e-5), 3 + r(2, 4, 6), (r(4, 6), r(4, 6))),
         "group_norm": (lambda x: jvp_ops.group_norm(x, 2, None, None, 1e-6), r(2, 4, 3, 3), ()),
         "group_norm_affine": (lambda x, w, b: jvp_ops.group_norm(x, 2, w, b, 1e-6), 2 + r(2, 6, 3, 3), (r(6), r(6))),
+        # adaLN modulation x (1 + scale) + shift, and a residual whose only tangent is the small term
+        "addcmul_modulate": (lambda x, shift, scale: jvp_ops.addcmul(shift, x, 1 + scale), r(2, 3, 4), (r(2, 1, 4), r(2, 1, 4))),
+        "addcmul_broadcast_a": (lambda x, b, c: jvp_ops.addcmul(x, b, c), r(2, 1, 4), (r(2, 3, 4), r(4))),
     }
 
 
@@ -81,7 +84,7 @@ def test_fused_mode_backward_is_exact(name):
         assert rel_err(g, r) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["linear", "conv2d", "up_fir", "layer_norm_affine", "group_norm_affine"])
+@pytest.mark.parametrize("name", ["linear", "conv2d", "up_fir", "layer_norm_affine", "group_norm_affine", "addcmul_modulate"])
 def test_jacfwd_vmaps_the_rule(name):
     # jacfwd = vmap over jvp: needs the vmap rule of the autograd.Functions
     fn, x, params = CASES[name]
@@ -147,3 +150,23 @@ def test_default_linear_rule_wastes_a_matmul():
         counts[custom] = mode.n
     assert counts[True] == 2  # primal + one tangent matmul
     assert counts[False] > counts[True]
+
+
+def test_no_grad_jvp_saves_nothing_for_backward(monkeypatch):
+    # Under torch.no_grad() a backward cannot happen; saving anyway kept every activation of a
+    # DiT alive through the JVP (3x the peak memory) because parameters require grad.
+    from torch.autograd.function import FunctionCtx
+
+    from mf_backbones.dit import DiT, DiTConfig
+
+    saved = []
+    original = FunctionCtx.save_for_backward
+    monkeypatch.setattr(FunctionCtx, "save_for_backward", lambda ctx, *t: (saved.append(len(t)), original(ctx, *t)))
+    model = DiT(DiTConfig(variant="DiT-S/2", depth=1, hidden=32, heads=4), shape=(3, 8, 8))
+    assert all(p.requires_grad for p in model.parameters())
+    z, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        torch.func.jvp(model, (z, t, t), (z, t, t))
+    assert saved == []
+    out, _ = torch.func.jvp(model, (z, t, t), (z, t, t))  # "fused" mode: the primal needs its backward
+    assert saved and out.requires_grad
