@@ -95,37 +95,40 @@ def attention_tangent(q, k, v, o, dq=None, dk=None, dv=None) -> torch.Tensor:
     """
     wt = _work_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
-    # contiguous (B, H, T, d) operands once, so the block matmuls below do not copy
-    k_, v_, o_ = (x.to(wt).contiguous() for x in (k, v, o))
+    lead, T, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+
+    # (B·H, T, d) contiguous operands once: batched 3-D matmuls are ~1.5x faster than 4-D ones
+    # on CPU, and the block matmuls below then never copy
+    def flat(x):
+        return x.to(wt).reshape(-1, *x.shape[-2:]).contiguous() if x is not None else None
+
+    q_, k_, v_, o_, dq_, dk_, dv_ = map(flat, (q, k, v, o, dq, dk, dv))
     # dS = [dQ, Q] [K, dK]ᵀ / √d as one matmul per block when both tangents exist
-    if dq is not None and dk is not None:
-        kk_t = torch.cat([k_, dk.to(wt)], dim=-1).transpose(-2, -1)  # (..., 2d, T)
-    elif dk is not None:
-        kk_t = dk.to(wt).contiguous().transpose(-2, -1)
+    if dq_ is not None and dk_ is not None:
+        kk_t = torch.cat([k_, dk_], dim=-1).transpose(1, 2)  # (BH, 2d, T)
     else:
-        kk_t = k_.transpose(-2, -1)
-    k_t = k_.transpose(-2, -1)
-    dv_ = dv.to(wt).contiguous() if dv is not None else None
+        kk_t = (dk_ if dk_ is not None else k_).transpose(1, 2)
+    k_t = k_.transpose(1, 2)
     C = _query_block(q, k)
     blocks = []
-    for s in range(0, q.shape[-2], C):
-        qc = q[..., s : s + C, :].to(wt) * scale  # (..., C, d)
-        p = torch.softmax(qc @ k_t, dim=-1)  # (..., C, T)
-        out = p @ dv_ if dv_ is not None else None
-        if dq is not None or dk is not None:
-            if dq is not None and dk is not None:
-                qq = torch.cat([dq[..., s : s + C, :].to(wt) * scale, qc], dim=-1)
-            elif dq is not None:
-                qq = dq[..., s : s + C, :].to(wt) * scale
+    for s in range(0, T, C):
+        qc = q_[:, s : s + C] * scale  # (BH, C, d)
+        p = torch.softmax(torch.bmm(qc, k_t), dim=-1)  # (BH, C, T)
+        out = None
+        if dq_ is not None or dk_ is not None:
+            if dq_ is not None and dk_ is not None:
+                qq = torch.cat([dq_[:, s : s + C] * scale, qc], dim=-1)
             else:
-                qq = qc
-            pds = (qq @ kk_t).mul_(p)  # P ∘ dS, (..., C, T)
-            del p
-            term = pds @ v_ - pds.sum(-1, keepdim=True) * o_[..., s : s + C, :]
-            out = term if out is None else out + term
+                qq = dq_[:, s : s + C] * scale if dq_ is not None else qc
+            pds = torch.bmm(qq, kk_t).mul_(p)  # P ∘ dS, (BH, C, T)
+            # (P ∘ dS) V - rowsum(P ∘ dS) ∘ O in one fused call
+            out = torch.baddbmm(o_[:, s : s + C] * -pds.sum(-1, keepdim=True), pds, v_)
+            del pds
+        if dv_ is not None:
+            out = torch.bmm(p, dv_) if out is None else torch.baddbmm(out, p, dv_)
         blocks.append(out)
-    do = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
-    return do.to(q.dtype)
+    do = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    return do.reshape(*lead, T, d).to(q.dtype)
 
 
 class JVPAttention(torch.autograd.Function):
