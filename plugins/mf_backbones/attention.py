@@ -22,9 +22,10 @@ import math
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from .jvp_ops import _save_for_backward, custom_jvp_active, forward_ad_active
+from .jvp_ops import custom_jvp_active, forward_ad_active, unpack
 
 __all__ = [
     "attention",
@@ -32,7 +33,6 @@ __all__ = [
     "attention_blockwise",
     "attention_tangent",
     "attention_backend",
-    "JVPAttention",
     "BACKENDS",
     "JVP_BLOCK_ELEMENTS",
     "JVP_QUERY_BLOCK",
@@ -131,57 +131,16 @@ def attention_tangent(q, k, v, o, dq=None, dk=None, dv=None) -> torch.Tensor:
     return do.reshape(*lead, T, d).to(q.dtype)
 
 
-class JVPAttention(torch.autograd.Function):
-    """O = softmax(QKᵀ/√d)V with the fused kernel as primal and ``attention_tangent`` as its JVP.
-
-    ``backward`` differentiates the fused kernel again (its own flash/efficient backward),
-    so the primal of a "fused" ``torch.func.jvp`` can be back-propagated.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q, k, v, grad_mode=True):
-        if torch.compiler.is_compiling() and forward_ad_active():
-            # Dynamo inlines this forward and drops `jvp` (pytorch#192985); plain ops
-            # keep the tangent exact without the (T, T) matrix.
-            return attention_blockwise(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v = inputs[:3]
-        ctx.grad_mode = inputs[3] if len(inputs) > 3 else True
-        ctx.set_materialize_grads(False)
-        ctx.save_for_forward(q, k, v, output)
-        _save_for_backward(ctx, q, k, v)
-
-    @staticmethod
-    def jvp(ctx, dq, dk, dv, *_):
-        q, k, v, o = ctx.saved_tensors
-        return attention_tangent(q, k, v, o, dq, dk, dv)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None
-        needs = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
-            out = F.scaled_dot_product_attention(*leaves)
-            wrt = [t for t, n in zip(leaves, needs) if n]
-            grads = iter(torch.autograd.grad(out, wrt, grad))
-        return (*(next(grads) if n else None for n in needs), None)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention, (B, H, T, d) -> (B, H, T, d), usable inside ``torch.func.jvp``.
 
     "auto": outside forward-mode AD this is ``F.scaled_dot_product_attention`` (fused
-    kernels, their backward). Inside ``torch.func.jvp`` (eager) it is ``JVPAttention``:
-    fused primal, exact blockwise tangent. While Dynamo traces forward-mode AD it is
-    ``attention_blockwise``, since a custom ``jvp`` would be dropped silently.
+    kernels, their backward). Inside ``torch.func.jvp`` (eager) the primal is still the
+    fused kernel, on the primal parts of the dual inputs, and the tangent is
+    ``attention_tangent`` (exact, blockwise); the two are joined into the dual output
+    (see ``jvp_ops``), so gradients of the primal go through the fused kernel's own
+    backward. While Dynamo traces forward-mode AD it is ``attention_blockwise``: plain ops
+    whose default rules are exact and never hold the (T, T) matrix.
     """
     backend = backend or _BACKEND
     if backend == "math":
@@ -191,9 +150,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if torch.compiler.is_compiling():
         return attention_blockwise(q, k, v) if forward_ad_active() else F.scaled_dot_product_attention(q, k, v)
     if forward_ad_active():
-        # the fused kernels have no forward-mode rule; with custom rules switched off
-        # (baselines) the plain-ops reference is the only exact option
-        if custom_jvp_active():
-            return JVPAttention.apply(q, k, v, torch.is_grad_enabled())
-        return attention_math(q, k, v)
+        if not custom_jvp_active():
+            # custom rules switched off (baselines): the fused kernels have no forward-mode
+            # rule, the plain-ops reference is the exact option
+            return attention_math(q, k, v)
+        (qp, dq), (kp, dk), (vp, dv) = unpack(q), unpack(k), unpack(v)
+        if dq is not None or dk is not None or dv is not None:
+            out = F.scaled_dot_product_attention(qp, kp, vp)
+            return fwAD.make_dual(out, attention_tangent(qp, kp, vp, out, dq, dk, dv))
     return F.scaled_dot_product_attention(q, k, v)
