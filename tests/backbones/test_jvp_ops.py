@@ -86,7 +86,7 @@ def test_fused_mode_backward_is_exact(name):
 
 @pytest.mark.parametrize("name", ["linear", "conv2d", "up_fir", "layer_norm_affine", "group_norm_affine", "addcmul_modulate"])
 def test_jacfwd_vmaps_the_rule(name):
-    # jacfwd = vmap over jvp: needs the vmap rule of the autograd.Functions
+    # jacfwd = vmap over jvp: the rules must work on batched tangents
     fn, x, params = CASES[name]
     x = x[:1]
     jac = torch.func.jacfwd(lambda a: fn(a, *params))(x)
