@@ -175,3 +175,33 @@ def test_default_linear_rule_wastes_a_matmul():
         counts[custom] = mode.n
     assert counts[True] == 2  # primal + one tangent matmul
     assert counts[False] > counts[True]
+
+
+def test_dynamo_drops_autograd_function_jvp_rules():
+    """Why the compiled path never relies on a custom rule (pytorch#192985), checked on this torch.
+
+    A Function whose jvp deliberately returns zeros: eager honours it; if the compiled JVP gives the
+    true derivative instead, Dynamo dropped the rule silently. Skips once PyTorch honours it.
+    """
+
+    class SinZeroJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.sin(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, dx):
+            return torch.zeros_like(dx)
+
+    x, dx = torch.randn(5), torch.randn(5)
+    f = lambda a, t: torch.func.jvp(SinZeroJvp.apply, (a,), (t,))[1]  # noqa: E731
+    assert f(x, dx).abs().max() == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager")(x, dx)
+    if compiled.abs().max() == 0:
+        pytest.skip("this torch honours custom jvp rules under compile")
+    assert torch.allclose(compiled, torch.cos(x) * dx)  # the rule was silently replaced by the default one
