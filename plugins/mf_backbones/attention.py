@@ -22,9 +22,10 @@ import math
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from .jvp_ops import custom_jvp_active, forward_ad_active
+from .jvp_ops import custom_jvp_active, forward_ad_active, unpack
 
 __all__ = [
     "attention",
@@ -32,7 +33,6 @@ __all__ = [
     "attention_blockwise",
     "attention_tangent",
     "attention_backend",
-    "JVPAttention",
     "BACKENDS",
     "JVP_BLOCK_ELEMENTS",
     "JVP_QUERY_BLOCK",
@@ -95,89 +95,52 @@ def attention_tangent(q, k, v, o, dq=None, dk=None, dv=None) -> torch.Tensor:
     """
     wt = _work_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
-    # contiguous (B, H, T, d) operands once, so the block matmuls below do not copy
-    k_, v_, o_ = (x.to(wt).contiguous() for x in (k, v, o))
+    lead, T, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+
+    # (B·H, T, d) contiguous operands once: batched 3-D matmuls are ~1.5x faster than 4-D ones
+    # on CPU, and the block matmuls below then never copy
+    def flat(x):
+        return x.to(wt).reshape(-1, *x.shape[-2:]).contiguous() if x is not None else None
+
+    q_, k_, v_, o_, dq_, dk_, dv_ = map(flat, (q, k, v, o, dq, dk, dv))
     # dS = [dQ, Q] [K, dK]ᵀ / √d as one matmul per block when both tangents exist
-    if dq is not None and dk is not None:
-        kk_t = torch.cat([k_, dk.to(wt)], dim=-1).transpose(-2, -1)  # (..., 2d, T)
-    elif dk is not None:
-        kk_t = dk.to(wt).contiguous().transpose(-2, -1)
+    if dq_ is not None and dk_ is not None:
+        kk_t = torch.cat([k_, dk_], dim=-1).transpose(1, 2)  # (BH, 2d, T)
     else:
-        kk_t = k_.transpose(-2, -1)
-    k_t = k_.transpose(-2, -1)
-    dv_ = dv.to(wt).contiguous() if dv is not None else None
+        kk_t = (dk_ if dk_ is not None else k_).transpose(1, 2)
+    k_t = k_.transpose(1, 2)
     C = _query_block(q, k)
     blocks = []
-    for s in range(0, q.shape[-2], C):
-        qc = q[..., s : s + C, :].to(wt) * scale  # (..., C, d)
-        p = torch.softmax(qc @ k_t, dim=-1)  # (..., C, T)
-        out = p @ dv_ if dv_ is not None else None
-        if dq is not None or dk is not None:
-            if dq is not None and dk is not None:
-                qq = torch.cat([dq[..., s : s + C, :].to(wt) * scale, qc], dim=-1)
-            elif dq is not None:
-                qq = dq[..., s : s + C, :].to(wt) * scale
+    for s in range(0, T, C):
+        qc = q_[:, s : s + C] * scale  # (BH, C, d)
+        p = torch.softmax(torch.bmm(qc, k_t), dim=-1)  # (BH, C, T)
+        out = None
+        if dq_ is not None or dk_ is not None:
+            if dq_ is not None and dk_ is not None:
+                qq = torch.cat([dq_[:, s : s + C] * scale, qc], dim=-1)
             else:
-                qq = qc
-            pds = (qq @ kk_t).mul_(p)  # P ∘ dS, (..., C, T)
-            del p
-            term = pds @ v_ - pds.sum(-1, keepdim=True) * o_[..., s : s + C, :]
-            out = term if out is None else out + term
+                qq = dq_[:, s : s + C] * scale if dq_ is not None else qc
+            pds = torch.bmm(qq, kk_t).mul_(p)  # P ∘ dS, (BH, C, T)
+            # (P ∘ dS) V - rowsum(P ∘ dS) ∘ O in one fused call
+            out = torch.baddbmm(o_[:, s : s + C] * -pds.sum(-1, keepdim=True), pds, v_)
+            del pds
+        if dv_ is not None:
+            out = torch.bmm(p, dv_) if out is None else torch.baddbmm(out, p, dv_)
         blocks.append(out)
-    do = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
-    return do.to(q.dtype)
-
-
-class JVPAttention(torch.autograd.Function):
-    """O = softmax(QKᵀ/√d)V with the fused kernel as primal and ``attention_tangent`` as its JVP.
-
-    ``backward`` differentiates the fused kernel again (its own flash/efficient backward),
-    so the primal of a "fused" ``torch.func.jvp`` can be back-propagated.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q, k, v):
-        if torch.compiler.is_compiling() and forward_ad_active():
-            # Dynamo inlines this forward and drops `jvp` (pytorch#192985); plain ops
-            # keep the tangent exact without the (T, T) matrix.
-            return attention_blockwise(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_forward(q, k, v, output)
-        ctx.save_for_backward(q, k, v)
-
-    @staticmethod
-    def jvp(ctx, dq, dk, dv):
-        q, k, v, o = ctx.saved_tensors
-        return attention_tangent(q, k, v, o, dq, dk, dv)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
-        if grad is None:
-            return None, None, None
-        needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
-            out = F.scaled_dot_product_attention(*leaves)
-            wrt = [t for t, n in zip(leaves, needs) if n]
-            grads = iter(torch.autograd.grad(out, wrt, grad))
-        return tuple(next(grads) if n else None for n in needs)
+    do = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    return do.reshape(*lead, T, d).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention, (B, H, T, d) -> (B, H, T, d), usable inside ``torch.func.jvp``.
 
     "auto": outside forward-mode AD this is ``F.scaled_dot_product_attention`` (fused
-    kernels, their backward). Inside ``torch.func.jvp`` (eager) it is ``JVPAttention``:
-    fused primal, exact blockwise tangent. While Dynamo traces forward-mode AD it is
-    ``attention_blockwise``, since a custom ``jvp`` would be dropped silently.
+    kernels, their backward). Inside ``torch.func.jvp`` (eager) the primal is still the
+    fused kernel, on the primal parts of the dual inputs, and the tangent is
+    ``attention_tangent`` (exact, blockwise); the two are joined into the dual output
+    (see ``jvp_ops``), so gradients of the primal go through the fused kernel's own
+    backward. While Dynamo traces forward-mode AD it is ``attention_blockwise``: plain ops
+    whose default rules are exact and never hold the (T, T) matrix.
     """
     backend = backend or _BACKEND
     if backend == "math":
@@ -187,7 +150,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if torch.compiler.is_compiling():
         return attention_blockwise(q, k, v) if forward_ad_active() else F.scaled_dot_product_attention(q, k, v)
     if forward_ad_active():
-        # the fused kernels have no forward-mode rule; with custom rules switched off
-        # (baselines) the plain-ops reference is the only exact option
-        return JVPAttention.apply(q, k, v) if custom_jvp_active() else attention_math(q, k, v)
+        if not custom_jvp_active():
+            # custom rules switched off (baselines): the fused kernels have no forward-mode
+            # rule, the plain-ops reference is the exact option
+            return attention_math(q, k, v)
+        (qp, dq), (kp, dk), (vp, dv) = unpack(q), unpack(k), unpack(v)
+        if dq is not None or dk is not None or dv is not None:
+            out = F.scaled_dot_product_attention(qp, kp, vp)
+            return fwAD.make_dual(out, attention_tangent(qp, kp, vp, out, dq, dk, dv))
     return F.scaled_dot_product_attention(q, k, v)

@@ -17,6 +17,7 @@ from torch import nn
 
 from mfcli.errors import MFError
 
+from . import jvp_ops
 from .layers import (
     Conv2d,
     LabelEmbedder,
@@ -51,7 +52,8 @@ class DiTConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x (1 + scale) + shift, per sample: (N, T, D) with (N, D) shift and scale."""
+    return jvp_ops.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -79,8 +81,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = jvp_ops.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = jvp_ops.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x  # (N, T, D)
 
 

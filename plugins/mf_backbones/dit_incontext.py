@@ -24,6 +24,7 @@ from torch import nn
 
 from mfcli.errors import MFError
 
+from . import jvp_ops
 from .layers import (
     Conv2d,
     LabelEmbedder,
@@ -81,8 +82,8 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope) * self.attn_scale
-        x = x + self.mlp(self.norm2(x)) * self.mlp_scale
+        x = jvp_ops.addcmul(x, self.attn(self.norm1(x), rope), self.attn_scale)
+        x = jvp_ops.addcmul(x, self.mlp(self.norm2(x)), self.mlp_scale)
         return x  # (N, T, D)
 
 

@@ -8,16 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """GLIDE sinusoidal embedding of unscaled times t in [0, 1] (METHODS §1.2). (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb.to(t.dtype if t.is_floating_point() else torch.float32)
+from .layers import Linear, timestep_embedding
 
 
 @dataclass
@@ -41,9 +32,9 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width_in = dim + 2 * cfg.time_dim
         for _ in range(cfg.depth):
-            layers += [nn.Linear(width_in, cfg.width), nn.SiLU()]
+            layers += [Linear(width_in, cfg.width), nn.SiLU()]
             width_in = cfg.width
-        layers.append(nn.Linear(width_in, dim))
+        layers.append(Linear(width_in, dim))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, cond: dict | None = None) -> torch.Tensor:

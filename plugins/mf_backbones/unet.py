@@ -117,7 +117,8 @@ class UNetBlock(nn.Module):
             B, C, H, W = x.shape
             qkv = self.qkv(self.norm2(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
             q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, ch)
-            a = attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
+            # contiguous NCHW: the transposed view would otherwise turn every later activation channels-last
+            a = attention(q, k, v).transpose(-1, -2).contiguous().view(B, C, H, W)
             x = (self.proj(a) + x) * self.skip_scale
         return x
 

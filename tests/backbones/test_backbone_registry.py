@@ -59,3 +59,12 @@ def test_resnet_component_is_a_classifier():
     assert factory.task == "classify"
     model = factory(config(arch="resnet20"), shape=(3, 32, 32), num_classes=10)
     assert model.task == "classify" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_mlp_jvp_exact():
+    from helpers_backbones import assert_backbone_jvp_exact, randomize_
+
+    from mf_backbones.mlp import MLP, MLPConfig
+
+    model = randomize_(MLP(MLPConfig(width=32, depth=2, time_dim=16), shape=(2,), num_classes=3))
+    assert_backbone_jvp_exact(model, {"y": torch.tensor([0, 3])})

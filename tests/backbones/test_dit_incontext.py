@@ -120,4 +120,6 @@ def test_bad_configs_raise_clear_errors():
 
 @pytest.mark.slow
 def test_compiled_jvp_equals_eager():
-    assert_compiled_jvp_equals_eager(tiny(), {"y": torch.tensor([1, 5]), "omega": torch.tensor([2.0, 1.0])})
+    model = randomize_(InContextDiT(InContextDiTConfig(depth=2, head_depth=1, hidden=32, heads=4), shape=(3, 8, 8), num_classes=5))
+    cond = {"y": torch.tensor([1, 5]), "omega": torch.tensor([2.0, 1.0]), "return_v": True}
+    assert_compiled_jvp_equals_eager(model, cond, backend="aot_eager")

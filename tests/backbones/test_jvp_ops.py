@@ -36,6 +36,9 @@ def _cases():
         "layer_norm_2d": (lambda x, w, b: jvp_ops.layer_norm(x, (4, 6), w, b, 1e-5), 3 + r(2, 4, 6), (r(4, 6), r(4, 6))),
         "group_norm": (lambda x: jvp_ops.group_norm(x, 2, None, None, 1e-6), r(2, 4, 3, 3), ()),
         "group_norm_affine": (lambda x, w, b: jvp_ops.group_norm(x, 2, w, b, 1e-6), 2 + r(2, 6, 3, 3), (r(6), r(6))),
+        # adaLN modulation x (1 + scale) + shift, and a residual whose only tangent is the small term
+        "addcmul_modulate": (lambda x, shift, scale: jvp_ops.addcmul(shift, x, 1 + scale), r(2, 3, 4), (r(2, 1, 4), r(2, 1, 4))),
+        "addcmul_broadcast_a": (lambda x, b, c: jvp_ops.addcmul(x, b, c), r(2, 1, 4), (r(2, 3, 4), r(4))),
     }
 
 
@@ -81,9 +84,9 @@ def test_fused_mode_backward_is_exact(name):
         assert rel_err(g, r) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["linear", "conv2d", "up_fir", "layer_norm_affine", "group_norm_affine"])
+@pytest.mark.parametrize("name", ["linear", "conv2d", "up_fir", "layer_norm_affine", "group_norm_affine", "addcmul_modulate"])
 def test_jacfwd_vmaps_the_rule(name):
-    # jacfwd = vmap over jvp: needs the vmap rule of the autograd.Functions
+    # jacfwd = vmap over jvp: the rules must work on batched tangents
     fn, x, params = CASES[name]
     x = x[:1]
     jac = torch.func.jacfwd(lambda a: fn(a, *params))(x)
@@ -104,22 +107,47 @@ def test_classic_dual_tensor_api_uses_the_rules():
 
 
 def test_rules_are_used_only_under_eager_forward_ad(monkeypatch):
-    calls = []
-    original = jvp_ops._Linear.jvp
-
-    def spy(ctx, *tangents):
-        calls.append(1)
-        return original(ctx, *tangents)
-
-    monkeypatch.setattr(jvp_ops._Linear, "jvp", staticmethod(spy))
+    joins = []
+    original = jvp_ops._join
+    monkeypatch.setattr(jvp_ops, "_join", lambda p, t: (joins.append(1), original(p, t))[1])
     x, w = torch.randn(3, 4), torch.randn(2, 4)
     assert not jvp_ops.custom_jvp_active()
-    jvp_ops.linear(x, w)  # plain call: no Function, nothing to spy on
+    jvp_ops.linear(x, w)  # plain call
+    assert joins == []
     torch.func.jvp(lambda a: jvp_ops.linear(a, w), (x,), (x,))
-    assert calls == [1]
+    assert joins == [1]
     with custom_jvp_rules(False):
         torch.func.jvp(lambda a: jvp_ops.linear(a, w), (x,), (x,))
-    assert calls == [1]
+    assert joins == [1]
+    torch._dynamo.reset()
+    torch.compile(lambda a, t: torch.func.jvp(lambda b: jvp_ops.linear(b, w), (a,), (t,)), backend="eager", fullgraph=True)(x, x)
+    assert joins == [1]  # traced: the plain op and its default rule
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradient_of_the_tangent(name):
+    """Objectives that back-propagate through du/dt (e.g. Modular MeanFlow) need the tangent itself
+    to be differentiable, including through the norms' statistics. Checked against central
+    differences of L(x, θ) = <cot, JVP(x, θ; dx)> along a random direction.
+
+    (PyTorch's own layer_norm rule fails this: it builds the tangent from the kernel's
+    non-differentiable mean/rstd outputs, so its gradient misses those terms.)
+    """
+    fn, x, params = CASES[name]
+    dx = torch.randn_like(x)
+    cot = torch.randn_like(fn(x, *params))
+
+    def loss(*leaves):
+        _, tangent = torch.func.jvp(lambda a: fn(a, *leaves[1:]), (leaves[0],), (dx,))
+        return (tangent * cot).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    out = loss(*leaves)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True) if out.requires_grad else [None] * len(leaves)
+    direction = [torch.randn_like(t) for t in leaves]
+    analytic = sum((g * e).sum() for g, e in zip(grads, direction) if g is not None)
+    fd = central_fd(loss, [t.detach() for t in leaves], direction)
+    assert abs(float(analytic) - fd.item()) <= 1e-7 * max(1.0, abs(fd.item()))
 
 
 def test_default_linear_rule_wastes_a_matmul():
@@ -147,3 +175,33 @@ def test_default_linear_rule_wastes_a_matmul():
         counts[custom] = mode.n
     assert counts[True] == 2  # primal + one tangent matmul
     assert counts[False] > counts[True]
+
+
+def test_dynamo_drops_autograd_function_jvp_rules():
+    """Why the compiled path never relies on a custom rule (pytorch#192985), checked on this torch.
+
+    A Function whose jvp deliberately returns zeros: eager honours it; if the compiled JVP gives the
+    true derivative instead, Dynamo dropped the rule silently. Skips once PyTorch honours it.
+    """
+
+    class SinZeroJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.sin(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, dx):
+            return torch.zeros_like(dx)
+
+    x, dx = torch.randn(5), torch.randn(5)
+    f = lambda a, t: torch.func.jvp(SinZeroJvp.apply, (a,), (t,))[1]  # noqa: E731
+    assert f(x, dx).abs().max() == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager")(x, dx)
+    if compiled.abs().max() == 0:
+        pytest.skip("this torch honours custom jvp rules under compile")
+    assert torch.allclose(compiled, torch.cos(x) * dx)  # the rule was silently replaced by the default one

@@ -116,4 +116,6 @@ def test_resolution_that_cannot_be_halved_is_a_clear_error():
 
 @pytest.mark.slow
 def test_compiled_jvp_equals_eager():
-    assert_compiled_jvp_equals_eager(tiny())
+    # two levels (attention, GroupNorm, up/down-sampling, skips) keep Dynamo's tracing short
+    model = UNet(UNetConfig(variant="UNet-XS", channels=8, channel_mult=[1, 2], attn_resolutions=[8]), shape=(1, 16, 16))
+    assert_compiled_jvp_equals_eager(randomize_(model), backend="aot_eager")
