@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -70,7 +71,7 @@ class PhaseProgress:
     def __init__(self, label: str, total: int, completed: int = 0, disable: bool = False):
         self.label, self.disable = label, disable
         self.progress = Progress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=disable,
         )
         self.task = self.progress.add_task(label, total=total, completed=completed, stats="")
@@ -90,7 +91,7 @@ class PhaseProgress:
             return
         self.progress.update(self.task, completed=completed, stats=stats)
         if not console.is_terminal:
-            console.print(f"{self.label}: {completed}: {stats}")
+            console.print(f"{escape(self.label)}: {completed}: {stats}")
 
 
 def cosine_lr(step: int, total: int, *, lr: float, min_lr: float, warmup_steps: int) -> float:

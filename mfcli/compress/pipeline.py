@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -404,7 +405,7 @@ class Compressor:
                     continue
                 ctx.label = f"[{i}/{len(names)}] {name}"
                 if not self.quiet:
-                    console.print(f"[bold cyan]{ctx.label}[/]")
+                    console.print(f"[bold cyan]{escape(ctx.label)}[/]")
                 t0 = time.perf_counter()
                 info = self._run_phase(name) or {}
                 clear_phase_state(self.run_dir)
