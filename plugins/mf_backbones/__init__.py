@@ -9,7 +9,7 @@ from mfcli import hookimpl
 
 __version__ = "0.1.0"
 
-MODULES: tuple[str, ...] = ("mlp",)
+MODULES: tuple[str, ...] = ("mlp", "dit", "dit_incontext", "unet", "resnet")
 
 
 @hookimpl
