@@ -406,15 +406,18 @@ class Compressor:
                 ctx.label = f"[{i}/{len(names)}] {name}"
                 if not self.quiet:
                     console.print(f"[bold cyan]{escape(ctx.label)}[/]")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 info = self._run_phase(name) or {}
                 clear_phase_state(self.run_dir)
-                prev = self._json(PHASES_FILE).get("partial_seconds", {})
-                seconds = time.perf_counter() - t0 + prev.get(name, 0.0)
-                self._mark_done(name, seconds, **info)
-                ctx.write({"event": "phase_done", "phase": name, "seconds": seconds, **info})
+                prev = self._json(PHASES_FILE).get("partial_seconds", {}).get(name, [0.0, 0.0])
+                prev = [float(prev), 0.0] if isinstance(prev, (int, float)) else prev
+                seconds = time.perf_counter() - t0 + prev[0]
+                # CPU time of this process: on a shared machine the honest measure of the work done
+                cpu = time.process_time() - c0 + prev[1]
+                self._mark_done(name, seconds, cpu_seconds=round(cpu, 2), **info)
+                ctx.write({"event": "phase_done", "phase": name, "seconds": seconds, "cpu_seconds": cpu, **info})
         except Interrupted as exc:
-            self._add_partial_seconds(exc.phase, time.perf_counter() - t0)
+            self._add_partial_seconds(exc.phase, time.perf_counter() - t0, time.process_time() - c0)
             ctx.write({"event": "interrupted", "phase": exc.phase, "step": exc.step})
             raise
         finally:
@@ -423,11 +426,13 @@ class Compressor:
             ctx.close()
         return self.run_dir
 
-    def _add_partial_seconds(self, name: str, seconds: float) -> None:
+    def _add_partial_seconds(self, name: str, seconds: float, cpu: float) -> None:
+        """Time spent in a phase before an interruption, added when the resumed phase finishes."""
         p = self.run_dir / PHASES_FILE
         doc = json.loads(p.read_text()) if p.is_file() else {"done": {}}
         part = doc.setdefault("partial_seconds", {})
-        part[name] = part.get(name, 0.0) + seconds
+        wall, c = part.get(name, [0.0, 0.0]) if not isinstance(part.get(name), (int, float)) else (part[name], 0.0)
+        part[name] = [wall + seconds, c + cpu]
         runs.atomic_write_bytes(p, json.dumps(doc, indent=2).encode())
 
     def _run_phase(self, name: str) -> dict[str, Any] | None:
@@ -468,11 +473,18 @@ class Compressor:
         else:
             set_modes()
 
+        teacher = self.baseline() if cfg.distill > 0 and phase != "baseline" else None
+
         def step_fn(batch):
             x, y = batch
             x = random_crop(x, cfg.crop_pad)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if teacher is not None:  # optional (not in the paper): soft targets of the frozen baseline
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(x) / cfg.distill_temperature, dim=1)
+                kl = F.kl_div(F.log_softmax(logits / cfg.distill_temperature, dim=1), soft, log_target=True, reduction="batchmean")
+                loss = (1 - cfg.distill) * loss + cfg.distill * cfg.distill_temperature**2 * kl
             loss.backward()
             return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean() * 100}
 

@@ -58,6 +58,8 @@ class ClassifierPhase:
     weight_decay: float = 0.01
     momentum: float = 0.9  # SGD only
     label_smoothing: float = 0.1
+    distill: float = 0.0  # weight α of distillation from the frozen baseline: (1-α) CE + α T² KL(teacher || student); 0: CE only, as in the paper
+    distill_temperature: float = 4.0  # T of the distillation term
     crop_pad: int = 4  # random crops after zero-padding by this many pixels; 0 disables
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
     log_every: int = 50  # steps between log lines
@@ -67,6 +69,8 @@ class ClassifierPhase:
         _budget_checks(self)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.distill <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError(f"need 0 <= distill <= 1 and distill_temperature > 0, got {self.distill} and {self.distill_temperature}")
         if self.crop_pad < 0:
             raise ValueError(f"crop_pad must be 0 or more, got {self.crop_pad}")
 

@@ -47,7 +47,9 @@ def build_report(models: dict[str, nn.Module], *, evals: dict[str, Any], speed: 
                        "hybrid_params": count_params(h), "hybrid_kind": "meanflow" if isinstance(h, MeanFlowModule) else "blocks"})
     out["stages"] = stages
     out["phase_seconds"] = {k: v.get("seconds") for k, v in phases.items()}
+    out["phase_cpu_seconds"] = {k: v.get("cpu_seconds") for k, v in phases.items()}
     out["total_seconds"] = sum(v.get("seconds", 0.0) for v in phases.values())
+    out["total_cpu_seconds"] = sum(v.get("cpu_seconds", 0.0) for v in phases.values())
     return out
 
 
@@ -70,4 +72,5 @@ def print_report(doc: dict[str, Any]) -> None:
     out.print(table)
     n = doc["models"]["hybrid"]["test_images"]
     out.print(f"top-1 on {n} test images; images/s: batch {doc['speed_batch_size']}, {doc['device']}, "
-              f"{doc['threads']} threads; total time {doc['total_seconds'] / 60:.1f} min")
+              f"{doc['threads']} threads; time before the report {doc['total_seconds'] / 60:.1f} min "
+              f"(CPU time of this process {doc['total_cpu_seconds'] / 60:.1f} min)")

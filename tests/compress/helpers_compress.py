@@ -65,6 +65,7 @@ def tiny_recipe(path: Path, npz: Path, *, steps=4, pairs=128, extra: str = "") -
         [finetune]
         steps = {steps}
         batch_size = 32
+        distill = 0.5
         log_every = 1
         ckpt_every = 2
         [eval]
