@@ -34,6 +34,9 @@ W = ["--weights", "{w20}"]
     (["resnet20", "--incubate", "1", *W, "meta.stepz=3"], "unknown key 'stepz'. Did you mean 'steps'?"),
     (["resnet20", "--incubate", "1", *W, "--dataset", "npx"], "unknown dataset 'npx'. Did you mean 'npz'?"),
     (["resnet20", "--incubate", "1"], "no --weights given and"),
+    # --dataset swaps the recipe's npz table for torchvision's CIFAR-10, keeping only keys it knows (hflip)
+    (["resnet20", "--incubate", "1", *W, "--dataset", "cifar10", "data.root={tmp}/nodata", "data.download=false"],
+     "CIFAR-10 (train split) was not found under"),
 ])
 def test_bad_input_is_a_clear_error(setup, monkeypatch, capsys, args, message):
     tmp, recipe = setup

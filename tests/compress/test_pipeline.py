@@ -162,3 +162,25 @@ def test_ctrl_c_in_a_subprocess_saves_a_resumable_checkpoint(data, tmp_path):
     assert st["phase"] == "meanflow.stage1" and 3 <= st["step"] < 400
     done = json.loads((run / "phases.json").read_text())["done"]
     assert "pairs" in done and "meanflow.stage1" not in done
+
+
+def test_online_pairs_per_step_nets_and_no_incubation(data, tmp_path, monkeypatch, capsys):
+    """Features recomputed by the frozen baseline at every step, a chain of per-step velocity
+    nets in the last stage, and --incubate none (the hybrid is the meta model, fine-tuned)."""
+    _, npz, weights = data
+    recipe = tiny_recipe(tmp_path / "tiny.toml", npz, pairs=0, extra="""
+        [modules.stage3]
+        per_step_nets = true
+        """)
+    code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "none",
+                            "--recipe", recipe, "--runs-dir", tmp_path / "runs")
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    done = json.loads((run / "phases.json").read_text())["done"]
+    assert done["pairs"]["mode"] == "online" and not (run / "pairs.safetensors").exists()
+    assert not any(k.startswith("incubate") for k in done)
+    hybrid = load_compressed(run / "hybrid.safetensors")
+    assert all(isinstance(s, MeanFlowModule) for s in hybrid.stages)
+    assert len(hybrid.stages[2].nets) == 2 and hybrid.stages[2].spec.per_step_nets
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["models"]["hybrid"]["params"] == rep["models"]["meta"]["params"] == sum(p.numel() for p in hybrid.parameters())
