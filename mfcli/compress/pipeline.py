@@ -27,6 +27,7 @@ meta-model fine-tune then trains alignment and velocity net together with the cl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -170,7 +171,7 @@ def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_
     model.eval()
     correct, n = 0, len(images)
     bar = ctx.progress(n) if ctx else None
-    with (bar if bar else _null()):
+    with bar if bar else contextlib.nullcontext():
         for i in range(0, n, batch_size):
             if ctx:
                 ctx.check_stop(phase)
@@ -180,14 +181,6 @@ def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_
             if bar:
                 bar.update(min(n, i + batch_size), f"top-1 {100.0 * correct / min(n, i + batch_size):.2f} %")
     return 100.0 * correct / n
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
