@@ -9,19 +9,23 @@ import typer
 
 
 def _recipe_raw(recipe: str | None, model: str, dataset: str | None):
-    """(path or None, raw table) of the recipe to use: --recipe, else compress_<model>_<dataset>, else the defaults."""
+    """(path, raw table) of the recipe to use: --recipe, else the shipped compress_<model>_<dataset>."""
     from mfcli.config import find_recipe, read_toml, recipe_dirs
-    from mfcli.compress.recipe import TASK
+    from mfcli.errors import MFError
 
     if recipe is not None:
         path = find_recipe(recipe)
         return path, read_toml(path)
     stem = f"compress_{model.lower()}_{dataset or 'cifar10'}"
+    shipped = []
     for d in recipe_dirs():
         p = d / f"{stem}.toml"
         if p.is_file():
             return p, read_toml(p)
-    return None, {"task": TASK, "data": {"name": dataset or "cifar10"}}
+        shipped += [f.stem for f in d.glob("compress_*.toml")]
+    # every budget and module width lives in the recipe: without one the run would train nothing
+    raise MFError(f"there is no recipe {stem}; pass one with --recipe FILE. Shipped compress recipes: "
+                  f"{', '.join(sorted(set(shipped))) or 'none'} (compress_resnet56_cifar10 suits the CIFAR ResNets).")
 
 
 def _with_dataset(raw: dict, dataset: str) -> dict:
@@ -48,7 +52,7 @@ def register(app: typer.Typer) -> None:
         incubate: Optional[str] = typer.Option(None, "--incubate", help="Stages (from 1) that get their residual blocks back, e.g. 1,2,3; 'none' keeps every MeanFlow module."),
         weights: Optional[str] = typer.Option(None, "--weights", help="Pretrained baseline weights (.th, state dict or .safetensors); without them the baseline is trained first."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Registered dataset (default: the recipe's; cifar10 without a recipe)."),
-        recipe: Optional[str] = typer.Option(None, "--recipe", help="Compress recipe file or name (default: compress_<model>_<dataset> when shipped)."),
+        recipe: Optional[str] = typer.Option(None, "--recipe", help="Compress recipe file or name (default: the shipped compress_<model>_<dataset>)."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory: done phases are skipped."),
         runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Parent of run directories (default: the recipe's run.dir)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, mps (default: the recipe's run.device, auto)."),
@@ -87,7 +91,7 @@ def register(app: typer.Typer) -> None:
             rec = load_compress_recipe(path, overrides or [], raw=raw)
             inv = Invocation(model.lower(), [], weights)
             comp = Compressor(rec, inv, incubate_text=incubate, runs_dir=runs_dir, device=device)
-            console.print(f"recipe: {path or '(built-in defaults)'}; {inv.model}, {comp.num_stages} stages, incubating "
+            console.print(f"recipe: {path}; {inv.model}, {comp.num_stages} stages, incubating "
                           f"{', '.join(map(str, inv.incubate)) or 'none'}; dataset {rec.data_name}; device {comp.device}")
         try:
             out = comp.run()

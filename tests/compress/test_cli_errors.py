@@ -51,6 +51,13 @@ def test_bad_input_is_a_clear_error(setup, monkeypatch, capsys, args, message):
     assert not runs_dir.exists() or not any(runs_dir.iterdir())  # validated before anything was written
 
 
+def test_a_model_without_a_shipped_recipe_needs_recipe(setup, monkeypatch, capsys):
+    tmp, _ = setup
+    code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--incubate", "1", "--runs-dir", tmp / "runs")
+    assert code == 2 and "there is no recipe compress_resnet20_cifar10; pass one with --recipe" in " ".join(err.split()), err
+    assert "compress_resnet56_cifar10" in err
+
+
 def test_resume_needs_a_compress_run(setup, monkeypatch, capsys):
     tmp, _ = setup
     code, _, err = run_main(monkeypatch, capsys, "compress", "--resume", tmp)
