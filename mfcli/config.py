@@ -249,12 +249,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], sections: tuple[str, ...] = ALL_SECTIONS) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a copy of ``raw``; ``sections`` are the tables a key may start with."""
     raw = copy.deepcopy(raw)
     for text in overrides:
         parts, value = parse_override(text)
-        if parts[0] not in ALL_SECTIONS:
-            raise MFError(f"override '{text}': unknown section '{parts[0]}'.{suggest(parts[0], ALL_SECTIONS)} Sections: {', '.join(ALL_SECTIONS)}.")
+        if parts[0] not in sections:
+            raise MFError(f"override '{text}': unknown section '{parts[0]}'.{suggest(parts[0], sections)} Sections: {', '.join(sections)}.")
         node = raw
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -270,8 +271,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, registry: 
 
     reg = registry or default_registry()
     overrides = list(overrides or [])
-    raw = apply_overrides(read_toml(path) if raw is None else raw, overrides)
+    raw = read_toml(path) if raw is None else raw
     where0 = str(path)
+    if raw.get("task") == "compress":
+        raise MFError(f"{where0} is a compress recipe (task = \"compress\"); run it with `mf compress MODEL --recipe {where0}`.")
+    raw = apply_overrides(raw, overrides)
     for sec in raw:
         if sec not in ALL_SECTIONS:
             raise MFError(f"{where0}: unknown table [{sec}].{suggest(sec, ALL_SECTIONS)} Tables: {', '.join(ALL_SECTIONS)}.")

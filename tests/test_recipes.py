@@ -107,7 +107,10 @@ def test_apply_overrides_does_not_mutate_input():
 def test_shipped_recipes_validate():
     from mfcli.config import recipe_dirs
 
+    from mfcli.compress.recipe import is_compress_recipe, load_compress_recipe
+    from mfcli.config import read_toml
+
     files = [f for d in recipe_dirs() for f in d.glob("*.toml")]
     assert any(f.stem == "quickstart" for f in files)
     for f in files:
-        load_recipe(f)
+        (load_compress_recipe if is_compress_recipe(read_toml(f)) else load_recipe)(f)

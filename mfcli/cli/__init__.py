@@ -52,6 +52,8 @@ recipes.register(app)
 def main() -> None:
     import warnings
 
+    from rich.markup import escape
+
     from mfcli.console import console
 
     # torch.func's JVP decompositions still use torch.jit.script internally; the warning is not ours to act on.
@@ -62,7 +64,8 @@ def main() -> None:
     except MFError as exc:
         if _DEBUG["on"]:
             traceback.print_exc()
-        console.print(f"[bold red]Error:[/] {exc}", soft_wrap=True)
+        # escaped: messages name recipe tables such as [meta], which rich would take for markup
+        console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")
@@ -72,5 +75,5 @@ def main() -> None:
     except Exception as exc:  # an unexpected failure still gets one paragraph, not a traceback
         if _DEBUG["on"]:
             traceback.print_exc()
-        console.print(f"[bold red]Error:[/] {type(exc).__name__}: {exc}. This is unexpected; rerun with --debug (or MF_DEBUG=1) for the traceback and report it.", soft_wrap=True)
+        console.print(f"[bold red]Error:[/] {type(exc).__name__}: {escape(str(exc))}. This is unexpected; rerun with --debug (or MF_DEBUG=1) for the traceback and report it.", soft_wrap=True)
         sys.exit(1)

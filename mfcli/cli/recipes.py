@@ -32,7 +32,10 @@ def ls() -> None:
             seen.add(f.stem)
             try:
                 raw = read_toml(f)
-                parts = [str(raw.get(s, {}).get("name", "?")) for s in ("objective", "backbone", "data")]
+                if raw.get("task") == "compress":  # `mf compress` recipes: MeanFlow modules in a ResNet
+                    parts = ["mf (compress)", "resnet", str(raw.get("data", {}).get("name", "?"))]
+                else:
+                    parts = [str(raw.get(s, {}).get("name", "?")) for s in ("objective", "backbone", "data")]
             except Exception:
                 parts = ["(unreadable)", "", ""]
             table.add_row(f.stem, *parts, str(f))
@@ -45,9 +48,12 @@ def show(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides."),
 ) -> None:
     """Print the resolved recipe (every default filled in) as JSON."""
-    from mfcli.config import find_recipe, load_recipe
+    from mfcli.compress.recipe import is_compress_recipe, load_compress_recipe
+    from mfcli.config import find_recipe, load_recipe, read_toml
 
-    recipe = load_recipe(find_recipe(name), overrides or [])
+    path = find_recipe(name)
+    loader = load_compress_recipe if is_compress_recipe(read_toml(path)) else load_recipe
+    recipe = loader(path, overrides or [])
     typer.echo(json.dumps(recipe.resolved(), indent=2))
 
 
@@ -57,8 +63,9 @@ def validate(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides."),
 ) -> None:
     """Check a recipe: TOML syntax, plugin names, keys and types. Exit 0 when valid."""
-    from mfcli.config import load_recipe
+    from mfcli.compress.recipe import is_compress_recipe, load_compress_recipe
+    from mfcli.config import load_recipe, read_toml
     from mfcli.console import console
 
-    load_recipe(path, overrides or [])
+    (load_compress_recipe if is_compress_recipe(read_toml(path)) else load_recipe)(path, overrides or [])
     console.print(f"[green]{path}: valid[/]")

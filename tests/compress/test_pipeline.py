@@ -1,0 +1,186 @@
+"""The whole pipeline on a tiny subset of real CIFAR-10 with the real ResNet-20: run directory,
+report numbers against direct counts and evaluations, resuming bit for bit, Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_compress import WEIGHTS, cifar_subset, run_main, tiny_recipe
+from mfcli.compress import load_compressed
+from mfcli.compress.loop import Context
+from mfcli.compress.modules import MeanFlowModule
+from mfcli.data import images_uint8_to_float
+from mftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, resnet_registered):
+    from mftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present")
+    d = tmp_path_factory.mktemp("cifar")
+    npz = cifar_subset(d / "cifar_small.npz")
+    return d, npz, next(WEIGHTS.glob("resnet20-*.th"))
+
+
+def compress(monkeypatch, capsys, recipe, runs_dir, weights, *extra):
+    return run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "1,3",
+                    "--recipe", recipe, "--runs-dir", runs_dir, *extra)
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    """One uninterrupted run, shared by the tests that read its outputs."""
+    d, npz, weights = data
+    out = tmp_path_factory.mktemp("full")
+    recipe = tiny_recipe(out / "tiny.toml", npz)
+    mp = pytest.MonkeyPatch()
+
+    class Cap:  # run_main reads captured output; here a plain stand-in
+        def readouterr(self):
+            return type("O", (), {"out": "", "err": ""})()
+
+    code, _, err = compress(mp, Cap(), recipe, out / "runs", weights)
+    mp.undo()
+    assert code == 0, err
+    (run,) = (out / "runs").iterdir()
+    return run
+
+
+def test_run_directory_and_phases(full_run):
+    assert full_run.name.endswith("-compress-resnet20")
+    cfg = json.loads((full_run / "config.json").read_text())
+    assert cfg["config"]["invocation"]["incubate"] == [1, 3] and cfg["config"]["task"] == "compress"
+    done = json.loads((full_run / "phases.json").read_text())["done"]
+    assert list(done) == ["baseline", "eval.baseline", "pairs", "meanflow.stage1", "meanflow.stage2", "meanflow.stage3",
+                          "meta", "eval.meta", "incubate.stage1", "incubate.stage3", "finetune", "eval.hybrid", "report"]
+    log = [json.loads(line) for line in (full_run / "log.jsonl").read_text().splitlines()]
+    steps = {r["phase"] for r in log if "step" in r and "phase" in r}
+    assert {"meanflow.stage1", "meta", "incubate.stage3", "finetune"} <= steps
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
+    assert not (full_run / "phase_state.pt").exists()  # cleared once every phase was done
+
+
+def test_report_equals_direct_counts_and_evaluation(full_run, data):
+    _, npz, _ = data
+    rep = json.loads((full_run / "report.json").read_text())
+    hybrid = load_compressed(full_run / "hybrid.safetensors")
+    meta = load_compressed(full_run / "meta.safetensors")
+    base = load_compressed(full_run / "baseline.safetensors")
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in (("baseline", base), ("meta", meta), ("hybrid", hybrid))}
+    for k, n in counts.items():
+        assert rep["models"][k]["params"] == n
+        assert rep["models"][k]["reduction_percent"] == pytest.approx(100 * (1 - n / counts["baseline"]), abs=1e-9)
+    kinds = [type(s) is MeanFlowModule for s in hybrid.stages]
+    assert kinds == [False, True, False]  # stages 1 and 3 incubated, stage 2 kept its module
+    assert all(isinstance(s, MeanFlowModule) for s in meta.stages)
+    # top-1 recomputed from the saved files on the same test images
+    import numpy as np
+
+    arr = np.load(npz)
+    x = images_uint8_to_float(torch.from_numpy(arr["x_test"]).permute(0, 3, 1, 2).contiguous())
+    y = torch.from_numpy(arr["y_test"].astype(np.int64))
+    with torch.no_grad():
+        for k, m in (("baseline", base), ("hybrid", hybrid), ("meta", meta)):
+            acc = 100.0 * float((m(x).argmax(1) == y).float().mean())
+            assert rep["models"][k]["top1"] == pytest.approx(acc, abs=1e-6), k
+    assert rep["models"]["baseline"]["top1"] > 80  # the real pretrained ResNet-20 (91.73 % on the full test split)
+    assert all(rep["models"][k]["images_per_s"] > 0 for k in counts)
+
+
+def test_resume_after_interruption_is_bit_identical(full_run, data, tmp_path, monkeypatch, capsys):
+    """Stopped inside a MeanFlow phase and again inside the meta fine-tune; resumed each time;
+    the saved hybrid equals the uninterrupted run's tensor for tensor."""
+    _, npz, weights = data
+    recipe = tiny_recipe(tmp_path / "tiny.toml", npz)
+    runs_dir = tmp_path / "runs"
+    original = Context.write
+    stops = [("meanflow.stage2", 3), ("meta", 1)]
+
+    def write(self, record):
+        original(self, record)
+        if stops and (record.get("phase"), record.get("step")) == stops[0]:
+            stops.pop(0)
+            self.stop_requested = True  # what Ctrl-C does; it takes effect after the next step
+
+    monkeypatch.setattr(Context, "write", write)
+    code, _, err = compress(monkeypatch, capsys, recipe, runs_dir, weights)
+    assert code == 130 and "Resume with: mf compress --resume" in " ".join(err.split()), err
+    (run,) = runs_dir.iterdir()
+    st = torch.load(run / "phase_state.pt", weights_only=True)
+    assert st["phase"] == "meanflow.stage2" and st["step"] == 4
+    code, _, err = run_main(monkeypatch, capsys, "compress", "--resume", run)
+    assert code == 130, err
+    st = torch.load(run / "phase_state.pt", weights_only=True)
+    assert (st["phase"], st["step"]) == ("meta", 2)
+    code, _, err = run_main(monkeypatch, capsys, "compress", "--resume", run)
+    assert code == 0, err
+    a, b = load_file(str(full_run / "hybrid.safetensors")), load_file(str(run / "hybrid.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    done = json.loads((run / "phases.json").read_text())["done"]
+    assert list(done)[-1] == "report"
+
+
+def test_ctrl_c_in_a_subprocess_saves_a_resumable_checkpoint(data, tmp_path):
+    _, npz, weights = data
+    recipe = tiny_recipe(tmp_path / "tiny.toml", npz, steps=400)
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "mfcli", "compress", "resnet20", "--weights", str(weights), "--incubate", "2",
+           "--recipe", str(recipe), "--runs-dir", str(runs_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait until the first MeanFlow phase is under way
+            logs = list(runs_dir.glob("*/log.jsonl"))
+            if logs and '"phase": "meanflow.stage1", "step": 3' in logs[0].read_text():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never reached meanflow.stage1 step 3")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopped in phase meanflow.stage1" in " ".join(err.split())
+    (run,) = runs_dir.iterdir()
+    st = torch.load(run / "phase_state.pt", weights_only=True)
+    assert st["phase"] == "meanflow.stage1" and 3 <= st["step"] < 400
+    done = json.loads((run / "phases.json").read_text())["done"]
+    assert "pairs" in done and "meanflow.stage1" not in done
+
+
+def test_online_pairs_per_step_nets_and_no_incubation(data, tmp_path, monkeypatch, capsys):
+    """Features recomputed by the frozen baseline at every step, a chain of per-step velocity
+    nets in the last stage, and --incubate none (the hybrid is the meta model, fine-tuned)."""
+    _, npz, weights = data
+    recipe = tiny_recipe(tmp_path / "tiny.toml", npz, pairs=0, extra="""
+        [modules.stage3]
+        per_step_nets = true
+        """)
+    code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "none",
+                            "--recipe", recipe, "--runs-dir", tmp_path / "runs")
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    done = json.loads((run / "phases.json").read_text())["done"]
+    assert done["pairs"]["mode"] == "online" and not (run / "pairs.safetensors").exists()
+    assert not any(k.startswith("incubate") for k in done)
+    hybrid = load_compressed(run / "hybrid.safetensors")
+    assert all(isinstance(s, MeanFlowModule) for s in hybrid.stages)
+    assert len(hybrid.stages[2].nets) == 2 and hybrid.stages[2].spec.per_step_nets
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["models"]["hybrid"]["params"] == rep["models"]["meta"]["params"] == sum(p.numel() for p in hybrid.parameters())
