@@ -9,11 +9,12 @@ from mfcli.sampling import draw, load_model
 
 from mftest import ROOT, run_mf
 
-# Between 2,000 samples and 2,000 fresh checkerboard points (squared MMD, narrow Gaussian kernels):
-# two independent draws of the data give about 0.000, standard Gaussian noise about 0.05, an
-# under-trained model (60 % of its samples on the board's squares) about 0.013.
-MMD_THRESHOLD = 0.01
-# Fraction of samples on the checkerboard's filled squares: data 1.0, Gaussian noise about 0.46.
+# Sliced 2-Wasserstein between 2,000 samples and 2,000 fresh checkerboard points: two independent
+# draws of the data give about 0.12 (the estimator's floor at this size), standard Gaussian noise 0.27.
+SW_THRESHOLD = 0.2
+# Fraction of samples on the checkerboard's filled squares: data 1.0, Gaussian noise about 0.46, a
+# model trained 3,000 steps with the uniform (t, r) sampler 0.60. SW alone cannot tell a blob from a
+# board (their projections look alike), so both must hold.
 SUPPORT_THRESHOLD = 0.75
 
 
@@ -32,9 +33,9 @@ def test_quickstart_trains_and_samples_match_the_data(tmp_path):
     assert samples.shape == (2000, 2) and (out / "samples.png").is_file()
 
     data = sample_toy("checkerboard", 2000, torch.Generator().manual_seed(123))
-    mmd, support = mmd_rbf(samples, data), in_support_fraction("checkerboard", samples)
-    print(f"quickstart: MMD² {mmd:.4f}, on-support {support:.3f}, sliced W2 {sliced_wasserstein(samples, data):.3f}")
-    assert mmd < MMD_THRESHOLD and support > SUPPORT_THRESHOLD, (mmd, support)
+    sw, support = sliced_wasserstein(samples, data), in_support_fraction("checkerboard", samples)
+    print(f"quickstart: sliced W2 {sw:.3f}, on-support {support:.3f}, MMD² {mmd_rbf(samples, data):.4f}")
+    assert sw < SW_THRESHOLD and support > SUPPORT_THRESHOLD, (sw, support)
 
     # The same network untrained, sampled the same way, is far from the data: the threshold means something.
     m = load_model(run_dir / "weights.safetensors")
@@ -42,4 +43,4 @@ def test_quickstart_trains_and_samples_match_the_data(tmp_path):
     for p in m.net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     fresh, _ = draw(m.net, m.objective, m.shape, 0, num=2000, generator=torch.Generator().manual_seed(1))
-    assert mmd_rbf(fresh, data) > 2 * MMD_THRESHOLD and in_support_fraction("checkerboard", fresh) < SUPPORT_THRESHOLD
+    assert sliced_wasserstein(fresh, data) > SW_THRESHOLD and in_support_fraction("checkerboard", fresh) < SUPPORT_THRESHOLD
