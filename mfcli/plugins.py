@@ -69,6 +69,20 @@ class Registry:
         return register
 
 
+def register_modules(package: str, modules, register) -> None:
+    """Register the ``COMPONENTS = {name: (factory, Config, help)}`` of each ``package.module``.
+
+    A convenience for plugins that keep one component family per module (the built-ins do);
+    a plugin may just as well call ``register`` itself.
+    """
+    import importlib
+
+    for module_name in modules:
+        module = importlib.import_module(f"{package}.{module_name}")
+        for name, (factory, config, help_text) in module.COMPONENTS.items():
+            register(name, factory, config, help=help_text)
+
+
 def suggest(name: str, choices) -> str:
     """' Did you mean 'x'?' or ''."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)

@@ -3,9 +3,8 @@
 Each module listed in ``MODULES`` exposes ``COMPONENTS = {name: (factory, ConfigDataclass, help)}``.
 """
 
-import importlib
-
 from mfcli import hookimpl
+from mfcli.plugins import register_modules
 
 __version__ = "0.1.0"
 
@@ -14,7 +13,4 @@ MODULES: tuple[str, ...] = ("toy", "cifar", "mnist", "npz", "imagefolder", "late
 
 @hookimpl
 def register_datasets(register):
-    for module_name in MODULES:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-        for name, (factory, config, help_text) in module.COMPONENTS.items():
-            register(name, factory, config, help=help_text)
+    register_modules(__name__, MODULES, register)
