@@ -81,12 +81,13 @@ def stage_io(model: nn.Module, shape: tuple[int, ...]) -> list[StageIO]:
     return out
 
 
-def module_spec(io: StageIO, *, align_kernel: int, time_dim: int, hidden: int, steps: int, per_step_nets: bool) -> ModuleSpec:
+def module_spec(io: StageIO, *, align_kernel: int, time_dim: int, hidden: int, steps: int, per_step_nets: bool,
+                net: str = "mlp") -> ModuleSpec:
     """The module for a stage: alignment from the stage's input to its output's shape."""
     (cin, hin, win), (cout, hout, wout) = io.input, io.output
     if hout < 1 or hin % hout or win % wout or hin // hout != win // wout:
         raise MFError(f"a stage maps {io.input} to {io.output}: no single conv stride aligns those shapes.")
-    spec = ModuleSpec(cin, cout, hin // hout, align_kernel, time_dim, hidden, steps, per_step_nets)
+    spec = ModuleSpec(cin, cout, hin // hout, align_kernel, time_dim, hidden, steps, per_step_nets, net)
     spec.validate()
     return spec
 

@@ -257,7 +257,8 @@ class Compressor:
         for k in range(1, self.num_stages + 1):
             c = recipe.modules.for_stage(k)
             self.specs[k] = A.module_spec(self.io[k - 1], align_kernel=c.align_kernel, time_dim=c.time_dim, hidden=c.hidden,
-                                          steps=recipe.modules.steps_for(k, self.num_stages), per_step_nets=c.per_step_nets)
+                                          steps=recipe.modules.steps_for(k, self.num_stages), per_step_nets=c.per_step_nets,
+                                          net=c.net)
         if not inv.weights and "baseline" not in done and steps_of(recipe.baseline, len(self.train_set)) == 0:
             raise MFError(f"no --weights given and {recipe.path} [baseline] has no training budget (epochs and steps are 0): "
                           "pass --weights PATH or set baseline.epochs=N.")

@@ -118,8 +118,11 @@ class ModuleConfig:
     hidden: int = 256  # H of the velocity MLP C + d_t → H → H → C
     steps: int = 0  # sampler steps; 0: 1, or [modules] last_stage_steps for the last stage
     per_step_nets: bool = False  # one velocity net per step (a chain of one-step MeanFlows) instead of one shared net
+    net: str = "mlp"  # velocity net: "mlp" (pointwise over pixels, as released) or "conv" (3×3 convolutions, mixes pixels)
 
     def validate(self) -> None:
+        if self.net not in ("mlp", "conv"):
+            raise ValueError(f"net must be 'mlp' or 'conv', got {self.net!r}")
         if self.align_kernel not in (1, 3):
             raise ValueError(f"align_kernel must be 1 or 3, got {self.align_kernel}")
         if self.time_dim < 1 or self.hidden < 1:

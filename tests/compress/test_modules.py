@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mfcli.compress.modules import MeanFlowModule, ModuleSpec, VelocityNet, count_params, module_params, velocity_net_params
+from mfcli.compress.modules import (ConvVelocityNet, MeanFlowModule, ModuleSpec, VelocityNet, count_params, module_params,
+                                    velocity_net_params)
 from mfcli.compress.pipeline import meanflow_step
 from mfcli.errors import MFError
 from mfcli.plugins import registry
@@ -24,11 +25,52 @@ def test_module_maps_stage_input_to_output_shape(cin, cout, stride, kernel, hw):
     ModuleSpec(32, 64, 2, 3, 32, 256, 2),
     ModuleSpec(32, 64, 2, 1, 8, 50, 3, per_step_nets=True),
     ModuleSpec(1024, 2048, 2, 1, 32, 433, 2),
+    ModuleSpec(32, 64, 2, 3, 32, 128, 2, net="conv"),
+    ModuleSpec(16, 16, 1, 1, 5, 7, 2, per_step_nets=True, net="conv"),
 ])
 def test_parameter_count_closed_form_equals_numel(spec):
     m = MeanFlowModule(spec)
     assert count_params(m) == sum(p.numel() for p in m.parameters()) == module_params(spec)
-    assert count_params(m.nets[0]) == velocity_net_params(spec.out_channels, spec.time_dim, spec.hidden)
+    assert count_params(m.nets[0]) == velocity_net_params(spec.out_channels, spec.time_dim, spec.hidden, spec.net)
+
+
+def test_conv_velocity_net_by_hand():
+    """u = conv3(relu(conv2(relu(conv1(z) + proj(silu(time(r, t))))))) with 3×3 convolutions, zero padding."""
+    torch.manual_seed(0)
+    net = ConvVelocityNet(3, 4, 5).double()
+    nn.init.normal_(net.conv3.weight)  # the zero init would hide conv1/conv2 from the comparison
+    z, t = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    r = t * torch.rand(2, dtype=torch.float64)
+
+    def conv_by_hand(x, conv):  # direct sum over the 3×3 window of the zero-padded input
+        w, b = conv.weight, conv.bias
+        xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        out = torch.zeros(x.shape[0], w.shape[0], x.shape[2], x.shape[3], dtype=x.dtype)
+        for i in range(x.shape[2]):
+            for j in range(x.shape[3]):
+                out[:, :, i, j] = torch.einsum("ocuv,bcuv->bo", w, xp[:, :, i:i + 3, j:j + 3]) + b
+        return out
+
+    emb = net.time_proj(torch.nn.functional.silu(net.time(torch.stack([r, t], 1))))
+    a = torch.relu(conv_by_hand(z, net.conv1) + emb[:, :, None, None])
+    ref = conv_by_hand(torch.relu(conv_by_hand(a, net.conv2)), net.conv3)
+    torch.testing.assert_close(net(z, t, t - r), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_net_mixes_pixels_and_the_mlp_does_not():
+    """Changing one input pixel changes only that output pixel for the pointwise net, and its
+    3×3 ... 7×7 neighbourhood (three 3×3 layers) for the conv net."""
+    torch.manual_seed(0)
+    z, t = torch.randn(1, 4, 9, 9), torch.full((1,), 0.8)
+    z2 = z.clone()
+    z2[0, :, 4, 4] += 1.0
+    for kind, radius in (("mlp", 0), ("conv", 3)):
+        m = _randomise(MeanFlowModule(ModuleSpec(4, 4, 1, 1, 3, 8, 1, net=kind)))
+        net = m.nets[0]
+        changed = (net(z2, t, t) - net(z, t, t)).abs().sum(1)[0] > 1e-6
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        assert changed[4, 4]
+        assert int((rows - 4).abs().max()) == radius and int((cols - 4).abs().max()) == radius, kind
 
 
 def test_velocity_net_is_the_released_pointwise_mlp():
@@ -92,10 +134,11 @@ def test_per_step_nets_chain_one_step_maps_on_path_segments():
     torch.testing.assert_close(x0, y)
 
 
-def test_velocity_net_jvp_matches_finite_difference():
-    """d/dt u along (v, dt=1, dr=0) through the pointwise net, as the MeanFlow target needs."""
+@pytest.mark.parametrize("cls", [VelocityNet, ConvVelocityNet])
+def test_velocity_net_jvp_matches_finite_difference(cls):
+    """d/dt u along (v, dt=1, dr=0) through the velocity net, as the MeanFlow target needs."""
     torch.manual_seed(1)
-    net = _randomise(VelocityNet(5, 3, 7)).double()
+    net = _randomise(cls(5, 3, 7)).double()
     z, v = torch.randn(2, 5, 2, 3, dtype=torch.float64), torch.randn(2, 5, 2, 3, dtype=torch.float64)
     t, r = torch.tensor([0.7, 0.4], dtype=torch.float64), torch.tensor([0.2, 0.1], dtype=torch.float64)
     ones = torch.ones_like(t)
@@ -168,3 +211,5 @@ def test_bad_specs_are_errors():
         MeanFlowModule(ModuleSpec(4, 4, 1, 5))
     with pytest.raises(MFError, match="hidden must be at least 1"):
         MeanFlowModule(ModuleSpec(4, 4, 1, 3, 8, 0))
+    with pytest.raises(MFError, match="net must be one of mlp, conv"):
+        MeanFlowModule(ModuleSpec(4, 4, 1, 3, 8, 8, net="transformer"))
