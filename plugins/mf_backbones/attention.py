@@ -32,6 +32,7 @@ __all__ = [
     "attention_math",
     "attention_blockwise",
     "attention_tangent",
+    "attention_and_tangent",
     "attention_backend",
     "BACKENDS",
     "JVP_BLOCK_ELEMENTS",
@@ -93,6 +94,20 @@ def attention_tangent(q, k, v, o, dq=None, dk=None, dv=None) -> torch.Tensor:
 
     Shapes (..., T, d); ``o`` is the primal output. See the module docstring for the formula.
     """
+    return _blockwise_jvp(q, k, v, o, dq, dk, dv)[1]
+
+
+def attention_and_tangent(q, k, v, dq=None, dk=None, dv=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, dO) from one pass over query blocks: the primal reuses the block's softmax P.
+
+    For a tangent pass without gradients (MeanFlow's "split" JVP) this replaces the fused
+    primal call, which would compute Q Kᵀ and its softmax a second time; ``P [V, dV]`` gives
+    O and P dV in one matmul.
+    """
+    return _blockwise_jvp(q, k, v, None, dq, dk, dv)
+
+
+def _blockwise_jvp(q, k, v, o, dq, dk, dv) -> tuple[torch.Tensor, torch.Tensor]:
     wt = _work_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
     lead, T, d = q.shape[:-2], q.shape[-2], q.shape[-1]
@@ -109,11 +124,23 @@ def attention_tangent(q, k, v, o, dq=None, dk=None, dv=None) -> torch.Tensor:
     else:
         kk_t = (dk_ if dk_ is not None else k_).transpose(1, 2)
     k_t = k_.transpose(1, 2)
+    # the primal wanted too: P [V, dV] gives O and P dV in one matmul
+    vv = None
+    if o_ is None:
+        vv = torch.cat([v_, dv_], dim=-1) if dv_ is not None else v_
     C = _query_block(q, k)
-    blocks = []
+    outs, blocks = [], []
     for s in range(0, T, C):
         qc = q_[:, s : s + C] * scale  # (BH, C, d)
         p = torch.softmax(torch.bmm(qc, k_t), dim=-1)  # (BH, C, T)
+        p_dv = None
+        if vv is not None:
+            pv = torch.bmm(p, vv)
+            oc = pv[..., :d]
+            p_dv = pv[..., d:] if dv_ is not None else None
+            outs.append(oc)
+        else:
+            oc = o_[:, s : s + C]
         out = None
         if dq_ is not None or dk_ is not None:
             if dq_ is not None and dk_ is not None:
@@ -121,26 +148,40 @@ def attention_tangent(q, k, v, o, dq=None, dk=None, dv=None) -> torch.Tensor:
             else:
                 qq = dq_[:, s : s + C] * scale if dq_ is not None else qc
             pds = torch.bmm(qq, kk_t).mul_(p)  # P ∘ dS, (BH, C, T)
-            # (P ∘ dS) V - rowsum(P ∘ dS) ∘ O in one fused call
-            out = torch.baddbmm(o_[:, s : s + C] * -pds.sum(-1, keepdim=True), pds, v_)
+            # (P ∘ dS) V - rowsum(P ∘ dS) ∘ O (+ P dV) in one fused call
+            base = oc * -pds.sum(-1, keepdim=True)
+            if p_dv is not None:
+                base += p_dv
+            out = torch.baddbmm(base, pds, v_)
             del pds
-        if dv_ is not None:
+        elif p_dv is not None:
+            out = p_dv
+        if dv_ is not None and p_dv is None:
             out = torch.bmm(p, dv_) if out is None else torch.baddbmm(out, p, dv_)
+        if out is None:  # no tangent at all
+            out = torch.zeros_like(oc)
         blocks.append(out)
     do = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-    return do.reshape(*lead, T, d).to(q.dtype)
+    if o is None:
+        o_full = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        o = o_full.reshape(*lead, T, d).to(q.dtype)
+    return o, do.reshape(*lead, T, d).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention, (B, H, T, d) -> (B, H, T, d), usable inside ``torch.func.jvp``.
 
     "auto": outside forward-mode AD this is ``F.scaled_dot_product_attention`` (fused
-    kernels, their backward). Inside ``torch.func.jvp`` (eager) the primal is still the
-    fused kernel, on the primal parts of the dual inputs, and the tangent is
+    kernels, their backward). Inside ``torch.func.jvp`` (eager), with grad mode on (gradients
+    may flow through the primal: the "fused" JVP mode), the primal is
+    still the fused kernel, on the primal parts of the dual inputs, and the tangent is
     ``attention_tangent`` (exact, blockwise); the two are joined into the dual output
     (see ``jvp_ops``), so gradients of the primal go through the fused kernel's own
-    backward. While Dynamo traces forward-mode AD it is ``attention_blockwise``: plain ops
-    whose default rules are exact and never hold the (T, T) matrix.
+    backward. A tangent pass under ``torch.no_grad()`` ("split" mode) takes
+    primal and tangent from one blockwise pass (``attention_and_tangent``), which computes
+    each block's softmax once instead of twice. While Dynamo traces forward-mode AD it is
+    ``attention_blockwise``: plain ops whose default rules are exact and never hold the
+    (T, T) matrix.
     """
     backend = backend or _BACKEND
     if backend == "math":
@@ -156,6 +197,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
             return attention_math(q, k, v)
         (qp, dq), (kp, dk), (vp, dv) = unpack(q), unpack(k), unpack(v)
         if dq is not None or dk is not None or dv is not None:
-            out = F.scaled_dot_product_attention(qp, kp, vp)
-            return fwAD.make_dual(out, attention_tangent(qp, kp, vp, out, dq, dk, dv))
+            if torch.is_grad_enabled():
+                # gradients may flow (inside torch.func.jvp requires_grad is not visible, so grad
+                # mode decides): the fused kernel's primal and backward ("fused" JVP mode)
+                out = F.scaled_dot_product_attention(qp, kp, vp)
+                return fwAD.make_dual(out, attention_tangent(qp, kp, vp, out, dq, dk, dv))
+            # a tangent pass without gradients: one blockwise pass gives both
+            return fwAD.make_dual(*attention_and_tangent(qp, kp, vp, dq, dk, dv))
     return F.scaled_dot_product_attention(q, k, v)

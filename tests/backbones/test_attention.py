@@ -26,11 +26,13 @@ def math_jvp(primals, tangents):
         return torch.func.jvp(attention, primals, tangents)
 
 
+@pytest.mark.parametrize("grad", [False, True])  # primal from the blockwise pass / from the fused kernel
 @pytest.mark.parametrize("block", [256, 7])  # one block, and uneven blocks of 7 queries
-def test_tangent_matches_finite_differences_and_math_rule_fp64(monkeypatch, block):
+def test_tangent_matches_finite_differences_and_math_rule_fp64(monkeypatch, block, grad):
     monkeypatch.setattr(A, "JVP_QUERY_BLOCK", block)
     q, k, v, dq, dk, dv = qkv()
-    out, tangent = torch.func.jvp(attention, (q, k, v), (dq, dk, dv))
+    with torch.set_grad_enabled(grad):
+        out, tangent = torch.func.jvp(attention, (q, k, v), (dq, dk, dv))
     ref_out, ref_tangent = math_jvp((q, k, v), (dq, dk, dv))
     assert rel_err(out, ref_out) < 1e-12
     assert rel_err(tangent, ref_tangent) < 1e-12
@@ -128,10 +130,16 @@ def test_eager_jvp_uses_fused_primal_and_custom_rule(monkeypatch):
     monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy_sdpa)
     monkeypatch.setattr(A, "attention_tangent", spy_tangent)
     q, k, v, dq, dk, dv = qkv(T=10)
-    torch.func.jvp(attention, (q, k, v), (dq, dk, dv))
+    leaves = tuple(x.clone().requires_grad_() for x in (q, k, v))
+    torch.func.jvp(attention, leaves, (dq, dk, dv))  # grad mode on: fused primal + custom tangent
     assert seen == {"sdpa": 1, "tangent": 1}
     attention(q, k, v)  # outside forward AD: the fused kernel alone
     assert seen == {"sdpa": 2, "tangent": 1}
+    with torch.no_grad():  # a tangent pass without gradients: one blockwise pass for both
+        out, tangent = torch.func.jvp(attention, leaves, (dq, dk, dv))
+    assert seen == {"sdpa": 2, "tangent": 1}
+    ref_out, ref_tangent = math_jvp((q, k, v), (dq, dk, dv))
+    assert rel_err(out, ref_out) < 1e-12 and rel_err(tangent, ref_tangent) < 1e-12
 
 
 def test_fused_mode_gradients_flow_through_the_primal():
