@@ -1,11 +1,11 @@
 """Data speed: what the input pipeline costs per batch, next to one training step (DESIGN §5).
 
-Goal: the on-device path (``mfcli.data.DeviceLoader``) takes at most 5 % of a training step.
-The step is one flow-matching step (forward, backward, Adam) of a small conv net on
-MNIST padded to 32x32 at batch 128. A MeanFlow step adds a JVP (about 3F + rho F instead of
-3F), and a recipe's UNet is far larger than this net, so the step here is a lower bound and
-the measured share an upper bound. The DataLoader path (``StreamLoader``) is timed for
-comparison. Every number comes from one run of this script; the table goes into
+Goal: the on-device path (``mfcli.data.DeviceLoader``) takes at most 5 % of a training step
+of the MNIST recipe. The step is that recipe's own (``recipes/mnist_mf.toml``: its backbone
+and MeanFlow objective built through the registry, its batch size, optimizer and gradient
+clipping: loss with the JVP, backward, step), without the engine's EMA and logging, so
+the step is slightly under-timed and the share slightly over-stated. The DataLoader path
+(``StreamLoader``) is timed for comparison. Every number comes from one run of this script; the table goes into
 benchmarks/RESULTS.md between the data_speed markers.
 
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py            # CPU, as in RESULTS.md
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "plugins"):  # run from a checkout without installing
@@ -34,28 +33,12 @@ for path in (REPO, REPO / "plugins"):  # run from a checkout without installing
 
 from mf_datasets._images import TensorImages  # noqa: E402
 from mf_datasets.mnist import MNISTConfig, mnist  # noqa: E402
+from mfcli.config import load_recipe  # noqa: E402
 from mfcli.data import DeviceLoader, StreamLoader  # noqa: E402
+from mfcli.engine import build_model  # noqa: E402
 
 BEGIN, END = "<!-- BEGIN data_speed -->", "<!-- END data_speed -->"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-class SmallConvNet(nn.Module):
-    """A two-level conv encoder-decoder with an additive time embedding (0.11 M parameters at width 32)."""
-
-    def __init__(self, channels: int = 1, width: int = 32):
-        super().__init__()
-        self.time = nn.Sequential(nn.Linear(1, width), nn.SiLU(), nn.Linear(width, width))
-        self.inp = nn.Conv2d(channels, width, 3, padding=1)
-        self.down = nn.Sequential(nn.SiLU(), nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-                                  nn.SiLU(), nn.Conv2d(2 * width, 2 * width, 3, padding=1))
-        self.up = nn.Sequential(nn.SiLU(), nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1))
-        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * width, width, 3, padding=1),
-                                 nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.inp(z) + self.time(t[:, None])[:, :, None, None]  # (B, W, 32, 32)
-        return self.out(torch.cat([h, self.up(self.down(h))], dim=1))
 
 
 def sync(device: torch.device) -> None:
@@ -77,18 +60,18 @@ def time_calls(fn, device: torch.device, *, warmup: int, repeat: int) -> list[fl
     return times
 
 
-def load_mnist(raw_dir: Path) -> tuple[TensorImages, str]:
-    """MNIST padded to 32x32 through the dataset plugin, or random digits of the same size."""
+def load_mnist(raw_dir: Path, resolution: int) -> tuple[TensorImages, str]:
+    """MNIST at the recipe's resolution through the dataset plugin, or random digits of the same size."""
     if all((raw_dir / f"{name}.gz").is_file() for name in MNIST_FILES):
         with tempfile.TemporaryDirectory(prefix="mf-data-speed-") as tmp:  # the split is read into memory
             raw = Path(tmp) / "MNIST" / "raw"
             raw.mkdir(parents=True)
             for name in MNIST_FILES:
                 (raw / f"{name}.gz").symlink_to(raw_dir.resolve() / f"{name}.gz")
-            dataset = mnist(MNISTConfig(root=tmp, download=False, resolution=32), split="train")
-        return dataset, "MNIST train, 32x32"
+            dataset = mnist(MNISTConfig(root=tmp, download=False, resolution=resolution), split="train")
+        return dataset, f"MNIST train, {resolution}x{resolution}"
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (60000, 1, 32, 32), generator=gen, dtype=torch.uint8)
+    images = torch.randint(0, 256, (60000, 1, resolution, resolution), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, 10, (60000,), generator=gen)
     return TensorImages(images, labels, num_classes=10), "random uint8, MNIST-sized (no MNIST files found)"
 
@@ -97,7 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mnist", type=Path, default=REPO / ".." / "shared" / "data" / "mnist",
                         help="folder with the four MNIST .gz files")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "mnist_mf.toml"), help="the recipe whose step is timed")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the recipe's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--batches", type=int, default=300, help="timed on-device batches")
@@ -109,34 +93,39 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    dataset, source = load_mnist(args.mnist)
+    recipe = load_recipe(args.recipe)
+    batch_size = args.batch_size or recipe.loader.batch_size
+    dataset, source = load_mnist(args.mnist, recipe.data.resolution)
     images, labels = dataset.tensors()
     rows = []
 
-    # The training step the data must keep up with.
-    net = SmallConvNet().to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = torch.rand(args.batch_size, *dataset.shape, device=device) * 2 - 1
+    # The training step the data must keep up with: the recipe's model, objective and optimizer.
+    net, objective = build_model(recipe, dataset.shape, dataset.num_classes)
+    net = net.to(device).train()
+    cfg = recipe.train
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    x = torch.rand(batch_size, *dataset.shape, device=device) * 2 - 1
+    y = torch.randint(0, dataset.num_classes, (batch_size,), device=device)
 
     def train_step():
-        t = torch.rand(args.batch_size, device=device)
-        e = torch.randn_like(x)
-        z = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e  # t = 1 is noise
-        loss = (net(z, t) - (e - x)).square().mean()
+        loss, _ = objective.loss(net, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
 
     step = statistics.median(time_calls(train_step, device, warmup=3, repeat=args.steps))
     n_params = sum(p.numel() for p in net.parameters())
-    rows.append((f"training step: small conv net ({n_params / 1e6:.2f} M params), flow matching, fwd+bwd+Adam", step))
+    rows.append((f"training step of `{Path(args.recipe).name}`: {recipe.names['backbone']} ({n_params / 1e6:.2f} M params), "
+                 f"{recipe.names['objective']} objective, loss + JVP + backward + Adam", step))
 
-    loader = DeviceLoader(images, labels, batch_size=args.batch_size, device=device, hflip=True)
+    loader = DeviceLoader(images, labels, batch_size=batch_size, device=device, hflip=True)
     rows.append(("on-device: `DeviceLoader` (gather, flip, to [-1, 1])",
                  statistics.median(time_calls(lambda: next(loader), device, warmup=20, repeat=args.batches))))
 
     for workers in args.workers:
-        stream = StreamLoader(dataset, batch_size=args.batch_size, device=device, hflip=True, num_workers=workers)
+        stream = StreamLoader(dataset, batch_size=batch_size, device=device, hflip=True, num_workers=workers)
         per_batch = statistics.median(time_calls(lambda: next(stream), device, warmup=10, repeat=args.stream_batches))
         rows.append((f"DataLoader: `StreamLoader`, {workers} workers, per-item `__getitem__`", per_batch))
         del stream
@@ -144,7 +133,7 @@ def main() -> None:
     device_share = rows[1][1] / step
     threads = torch.get_num_threads()
     lines = [
-        f"Data path vs one training step, batch {args.batch_size}, device `{device}` "
+        f"Data path vs one training step, batch {batch_size}, device `{device}` "
         f"({platform.processor() or platform.machine()}, {threads} torch thread(s), {os.cpu_count()} cores), "
         f"torch {torch.__version__}, data: {source}. Medians of per-call times; the DataLoader rows are timed "
         "back to back without training in between (its best case: workers do not compete with the step).",
