@@ -10,9 +10,11 @@ of a plain forward), and the peak memory of the JVP, for
 
 Both under ``torch.no_grad()`` (the tangent pass of a MeanFlow step). Times are medians
 over paired rounds in which the three calls run back to back in rotating order, so
-machine load affects them alike. Then the attention JVP alone at several sequence
-lengths shows that the custom tangent's memory grows linearly in T (the math one
-quadratically).
+machine load affects them alike, with the allocator's default behaviour (as in training);
+peak memory is measured after all timings (on the CPU with a fixed mmap threshold, which
+would otherwise add page faults to the timed calls). Then the attention JVP alone at
+several sequence lengths shows that the custom tangent's memory grows linearly in T (the
+math one quadratically).
 
 Writes a markdown table between ``<!-- BEGIN jvp_cost -->`` and ``<!-- END jvp_cost -->``
 in benchmarks/RESULTS.md. Usage: ``PYTHONPATH=.:plugins python benchmarks/jvp_cost.py [--quick]``.
@@ -129,12 +131,19 @@ def measure_model(name, model, batch, device, rounds):
         for k in keys:
             samples[k].append(times[k])
     ratios = {k: statistics.median(samples[k][i] / samples["forward"][i] for i in range(rounds)) for k in ("custom", "math")}
-    mem = {k: peak_memory_mib(calls[k], device) for k in keys}
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return dict(name=name, params=params, batch=batch, fwd_ms=1e3 * statistics.median(samples["forward"]), ratios=ratios, mem=mem)
+    return dict(name=name, params=params, batch=batch, fwd_ms=1e3 * statistics.median(samples["forward"]), ratios=ratios)
 
 
-def measure_attention(T, device, heads=4, d=64, batch=1, rounds=3):
+def model_memory(model, batch: int, device) -> dict[str, float]:
+    calls = make_calls(model, batch, device)
+    for fn in calls.values():  # warm-up: one-time allocations are not part of a call's peak
+        fn()
+    return {k: peak_memory_mib(fn, device) for k, fn in calls.items()}
+
+
+def measure_attention(T, device, heads=4, d=64, batch=1, rounds=3, memory=False):
+    """{backend: ms} (or {backend: peak MiB} with ``memory``) of the attention JVP at length T."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, dq, dk, dv = [torch.randn(batch, heads, T, d, generator=g).to(device) for _ in range(6)]
 
@@ -149,8 +158,10 @@ def measure_attention(T, device, heads=4, d=64, batch=1, rounds=3):
     for backend in ("auto", "math"):
         fn = run(backend)
         fn()
-        t = statistics.median(_timed(fn, device) for _ in range(rounds))
-        out[backend] = (1e3 * t, peak_memory_mib(fn, device))
+        if memory:
+            out[backend] = peak_memory_mib(fn, device)
+            continue
+        out[backend] = 1e3 * statistics.median(_timed(fn, device) for _ in range(rounds))
     return out
 
 
@@ -252,31 +263,69 @@ def write_results(text: str):
     RESULTS.write_text(content)
 
 
+def build_models(device):
+    """(name, model, batch) of the benchmarked backbones, the same in every process (seeded)."""
+    torch.manual_seed(0)
+    cpu = device.type == "cpu"
+    out = []
+    for patch, batch in ((4, 16 if cpu else 256), (2, 8 if cpu else 128)):  # 64 and 256 tokens
+        dit = DiT(DiTConfig(variant=f"DiT-S/{patch}", depth=6, hidden=256, heads=4), shape=(3, 32, 32)).to(device).eval()
+        out.append((f"DiT (6 blocks, 256 wide, patch {patch}, {(32 // patch) ** 2} tokens)", dit, batch))
+    unet = UNet(UNetConfig(variant="UNet-S"), shape=(3, 32, 32)).to(device).eval()
+    out.append(("U-Net (UNet-S, 32×32, attention at 16×16)", unet, 8 if cpu else 128))
+    return out
+
+
+def memories(device, lengths) -> dict:
+    return {"models": [model_memory(model, batch, device) for _, model, batch in build_models(device)],
+            "attention": {str(T): measure_attention(T, device, memory=True) for T in lengths}}
+
+
+def memory_in_subprocess(threads: int, lengths) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--memory-json", "--threads", str(threads), "--lengths", ",".join(map(str, lengths))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and sequence lengths (smoke test)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-write", action="store_true", help="print the table without updating RESULTS.md")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1 is steadiest on a shared machine)")
+    ap.add_argument("--memory-json", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass (a subprocess)
+    ap.add_argument("--lengths", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_json:
+        import json
+
+        _cpu_prepare()
+        print(json.dumps(memories(torch.device("cpu"), [int(x) for x in args.lengths.split(",")])))
+        return
     rounds = args.rounds or (3 if args.quick else 9)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     texts = []
     for device in devices:
-        if device.type == "cpu":
-            _cpu_prepare()
-        torch.manual_seed(0)
         cpu = device.type == "cpu"
-        rows = []
-        for patch, batch in ((4, 16 if cpu else 256), (2, 8 if cpu else 128)):  # 64 and 256 tokens
-            dit = DiT(DiTConfig(variant=f"DiT-S/{patch}", depth=6, hidden=256, heads=4), shape=(3, 32, 32)).to(device).eval()
-            rows.append(measure_model(f"DiT (6 blocks, 256 wide, patch {patch}, {(32 // patch) ** 2} tokens)", dit, batch, device, rounds))
-        unet = UNet(UNetConfig(variant="UNet-S"), shape=(3, 32, 32)).to(device).eval()
-        rows.append(measure_model("U-Net (UNet-S, 32×32, attention at 16×16)", unet, 8 if cpu else 128, device, rounds))
         lengths = (256, 1024, 2048) if args.quick else (256, 1024, 2048, 4096)
-        attn = [(T, measure_attention(T, device)) for T in lengths]
-        texts.append(table(device, rows, attn, measure_ops(device)))
+        models = build_models(device)
+        rows = [measure_model(name, model, batch, device, rounds) for name, model, batch in models]
+        attn_ms = {T: measure_attention(T, device) for T in lengths}
+        ops = measure_ops(device)
+        # Peak memory: on the CPU in a fresh process with a fixed mmap threshold (see
+        # _cpu_prepare), so that the resident-set high-water mark follows the tensors; that
+        # setting would put page faults into every large allocation of a timed call, while
+        # training runs with the allocator's default behaviour, and so do the timings here.
+        mem = memory_in_subprocess(args.threads, lengths) if cpu else memories(device, lengths)
+        for row, m in zip(rows, mem["models"]):
+            row["mem"] = m
+        attn = [(T, {b: (attn_ms[T][b], mem["attention"][str(T)][b]) for b in attn_ms[T]}) for T in lengths]
+        texts.append(table(device, rows, attn, ops))
         print(texts[-1], flush=True)
     if not args.no_write:
         write_results("\n\n".join(texts))
