@@ -41,6 +41,8 @@ class DataLoaderConfig:
     batch_size: int = 128  # global batch size (split across ranks)
     on_device: Literal["auto", "yes", "no"] = "auto"  # hold small datasets on the device as tensors
     num_workers: int = 4  # DataLoader workers when streaming
+    augment: Literal["none", "edm"] = "none"  # "edm": EDM's geometric augmentation with labels as conditioning (mfcli.augment)
+    augment_p: float = 0.12  # probability of each augmentation ("edm"; MeanFlow CIFAR-10: 0.12)
 
 
 @dataclass

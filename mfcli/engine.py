@@ -185,6 +185,17 @@ class Trainer:
         if self.cfg.init_from:
             self._init_from(self.cfg.init_from)
         self._attach_teacher()
+        self.augment = None
+        if recipe.loader.augment == "edm":
+            from mfcli.augment import AUGMENT_DIM, EDMAugment
+
+            if "augment" not in getattr(self.net, "conditions", ()):
+                raise MFError(f"data.augment = 'edm' gives the network {AUGMENT_DIM} augmentation labels, but the "
+                              f"'{recipe.names['backbone']}' backbone as configured takes none; use the unet backbone "
+                              f"with augment_dim = {AUGMENT_DIM}, or data.augment = 'none'.")
+            if not 0.0 <= recipe.loader.augment_p <= 1.0:
+                raise MFError(f"data.augment_p must lie in [0, 1], got {recipe.loader.augment_p}.")
+            self.augment = EDMAugment(recipe.loader.augment_p)
         self.net.to(self.device)
         if self.dist.enabled:
             for p in self.net.parameters():  # start every rank from rank 0's weights
@@ -298,8 +309,12 @@ class Trainer:
             g["lr"] = lr_at(self.step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        extra = {}
+        if self.augment is not None:  # on the device; its labels condition every network call of the step
+            x, labels = self.augment(x)
+            extra["cond"] = {"augment": labels}
         with autocast:
-            loss, logs = self.objective.loss(self.train_fn, x, y if self.num_classes else None, step=self.step)
+            loss, logs = self.objective.loss(self.train_fn, x, y if self.num_classes else None, step=self.step, **extra)
         finite = torch.isfinite(loss.detach()).float()
         if finite.item():
             loss.backward()

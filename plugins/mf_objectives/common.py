@@ -129,6 +129,18 @@ def take(cond: dict, idx: torch.Tensor, n: int) -> dict:
     return {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v) for k, v in cond.items()}
 
 
+def with_extra(cond: dict, extra: dict | None, idx: torch.Tensor | None = None, n: int = 0, repeat: int = 1) -> dict:
+    """``cond`` plus the caller's per-sample conditioning ``extra`` (e.g. augmentation labels),
+    restricted to the samples ``idx`` of a batch of ``n`` and repeated ``repeat`` times along
+    the batch for calls that stack several copies of the samples."""
+    if not extra:
+        return cond
+    part = take(extra, idx, n) if idx is not None else extra
+    if repeat > 1:
+        part = {k: (torch.cat([v] * repeat) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in part.items()}
+    return {**part, **cond}
+
+
 def cat_cond(a: dict, b: dict) -> dict:
     """Concatenate two cond dicts with the same keys along the batch."""
     return {k: (torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) and a[k].dim() > 0 else a[k]) for k in a}

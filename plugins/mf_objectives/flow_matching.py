@@ -45,7 +45,7 @@ class FlowMatching:
             return torch.rand(n, device=device, dtype=dtype)
         return logit_normal(n, self.cfg.t_mean, self.cfg.t_std, device=device, dtype=dtype)
 
-    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None):
+    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, cond=None):
         n = x.shape[0]
         t = self.sample_t(n, device=x.device, dtype=x.dtype) if t is None else t
         if r is not None and not torch.equal(r, t):
@@ -53,7 +53,7 @@ class FlowMatching:
         e = torch.randn_like(x) if noise is None else noise
         z = (1 - expand(t, x)) * x + expand(t, x) * e
         v = e - x
-        cond = {}
+        cond = dict(cond or {})  # per-sample conditioning from the caller (augmentation labels)
         if self.num_classes and y is not None:
             drop = torch.rand(n, device=x.device) < self.cfg.label_drop_prob
             cond["y"] = torch.where(drop, null_labels(n, self.num_classes, x.device), y)

@@ -34,6 +34,7 @@ from .common import (
     null_labels,
     sum_sq,
     u_and_dudt,
+    with_extra,
 )
 
 
@@ -107,8 +108,9 @@ class ImprovedMeanFlow:
 
     # -- the loss ----------------------------------------------------------------------------
 
-    def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, omega=None, t_min=None, t_max=None):
+    def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, omega=None, t_min=None, t_max=None, cond=None):
         n, dev, dt = x.shape[0], x.device, x.dtype
+        extra = dict(cond or {})  # per-sample conditioning from the caller (augmentation labels)
         if t is None:
             t, r = self.sampler(n, device=dev, dtype=dt)
         elif r is None:
@@ -132,16 +134,17 @@ class ImprovedMeanFlow:
                 w_eff = torch.where(fm | ((t >= t_min) & (t <= t_max)), omega, one)
                 # v_c and v_u in one pass over [(ω_eff, y); (1, ∅)]
                 both = self.velocity(net, torch.cat([z, z]), torch.cat([t, t]),
-                                     {"y": torch.cat([y, null_labels(n, self.num_classes, dev)]),
-                                      "omega": torch.cat([w_eff, one])}, head)
+                                     with_extra({"y": torch.cat([y, null_labels(n, self.num_classes, dev)]),
+                                                 "omega": torch.cat([w_eff, one])}, extra, repeat=2), head)
                 v_c, v_u = both[:n], both[n:]
                 v_g = v_t + expand(1 - 1 / w_eff, x) * (v_c - v_u)
                 drop = torch.rand(n, device=dev) < self.cfg.label_drop_prob
                 y = torch.where(drop, null_labels(n, self.num_classes, dev), y)
                 v_g = torch.where(expand(drop, x), v_t, v_g)
-                cond = {"y": y, "omega": omega, "t_min": t_min, "t_max": t_max}
+                cond = with_extra({"y": y, "omega": omega, "t_min": t_min, "t_max": t_max}, extra)
             else:
-                v_c, v_g, cond = self.velocity(net, z, t, {}, head), v_t, {}
+                cond = with_extra({}, extra)
+                v_c, v_g = self.velocity(net, z, t, cond, head), v_t
         # the tangent is the model's guided velocity v_c (computed before the label drop, as the official code)
         h = t - r
         if head:
@@ -154,8 +157,8 @@ class ImprovedMeanFlow:
         V = u + expand(h, x) * dudt
         return {"V": V, "u": u, "v": v, "v_g": v_g, "v_t": v_t, "v_c": v_c}
 
-    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, omega=None, t_min=None, t_max=None):
-        T = self.terms(net, x, y, step=step, t=t, r=r, noise=noise, omega=omega, t_min=t_min, t_max=t_max)
+    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, omega=None, t_min=None, t_max=None, cond=None):
+        T = self.terms(net, x, y, step=step, t=t, r=r, noise=noise, omega=omega, t_min=t_min, t_max=t_max, cond=cond)
         p, c, d = self.cfg.norm_p, self.cfg.norm_eps, math.prod(x.shape[1:])
         sq_u = sum_sq(T["V"] - T["v_g"])
         per_sample = adaptive_weight(sq_u, p, c) * sq_u

@@ -29,6 +29,7 @@ from .common import (
     null_labels,
     sum_sq,
     u_and_dudt,
+    with_extra,
 )
 
 
@@ -115,7 +116,7 @@ class MeanFlow:
     # -- guidance target, §1.4 -----------------------------------------------------------
 
     @torch.no_grad()
-    def guided_velocity(self, net, z, t, v, y, dropped):
+    def guided_velocity(self, net, z, t, v, y, dropped, extra=None):
         """ṽ = ω v + κ v_c + (1 - ω - κ) v_u inside the guidance interval; ṽ = v outside and on dropped samples.
 
         v_u = u_θ(z_t, t, h=0, ∅) and v_c = u_θ(z_t, t, h=0, y) are the model's own instantaneous
@@ -133,11 +134,12 @@ class MeanFlow:
         null = null_labels(m, self.num_classes, z.device)
         with eval_mode(net):
             if cfg.cfg_kappa == 0:
-                v_u = net(zi, ti, torch.zeros_like(ti), {"y": null})
+                v_u = net(zi, ti, torch.zeros_like(ti), with_extra({"y": null}, extra, i, len(z)))
                 g = v_u + cfg.cfg_omega * (vi - v_u)
             else:  # one pass over [∅; y] instead of two
                 zero = torch.zeros(2 * m, dtype=ti.dtype, device=ti.device)
-                out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), zero, {"y": torch.cat([null, y[i]])})
+                out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), zero,
+                          with_extra({"y": torch.cat([null, y[i]])}, extra, i, len(z), repeat=2))
                 v_u, v_c = out[:m], out[m:]
                 g = cfg.cfg_omega * vi + cfg.cfg_kappa * v_c + (1 - cfg.cfg_omega - cfg.cfg_kappa) * v_u
         return v.index_copy(0, i, g.to(v.dtype))  # the forwards may have run under autocast
@@ -175,8 +177,11 @@ class MeanFlow:
         """The z-tangent of the JVP: the (guided) conditional velocity ṽ (MeanFlow Eq. 8)."""
         return v_tilde
 
-    def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None):
-        """Prediction u, target u_tgt and their parts for the batch (all per sample)."""
+    def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, cond=None):
+        """Prediction u, target u_tgt and their parts for the batch (all per sample).
+
+        ``cond``: per-sample conditioning from the caller (augmentation labels), passed to
+        every network call with the rows of the samples that call sees."""
         n = x.shape[0]
         if t is None:
             t, r = self.sample_tr(n, device=x.device, dtype=x.dtype)
@@ -186,8 +191,9 @@ class MeanFlow:
         z = (1 - expand(t, x)) * x + expand(t, x) * e
         v = e - x
         y_in, dropped = self.drop_labels(y, n, x.device)
-        cond = {} if y_in is None else {"y": y_in}
-        v_tilde = self.guided_velocity(net, z, t, v, y_in, dropped)
+        extra = dict(cond or {})
+        cond = with_extra({} if y_in is None else {"y": y_in}, extra)
+        v_tilde = self.guided_velocity(net, z, t, v, y_in, dropped, extra)
         lam = self.lam(step)
         h = t - r
         tangent = self.tangent(net, z, t, h, v_tilde, cond)
@@ -199,8 +205,8 @@ class MeanFlow:
         target = (v_tilde - expand(gap, x) * dudt).detach()
         return {"u": u, "target": target, "delta": delta, "v": v, "v_tilde": v_tilde, "gap": gap, "t": t, "r": r}
 
-    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None):
-        T = self.terms(net, x, y, step=step, t=t, r=r, noise=noise)
+    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, cond=None):
+        T = self.terms(net, x, y, step=step, t=t, r=r, noise=noise, cond=cond)
         sq = sum_sq(T["delta"])
         w = adaptive_weight(sq, self.cfg.norm_p, self.cfg.norm_eps)
         gap = T["gap"]

@@ -72,8 +72,8 @@ class ModularMeanFlow(MeanFlow):
             v_model = net(z[i], t[i], torch.zeros_like(t[i]), take(cond, i, z.shape[0]))
         return v_tilde.index_copy(0, i, v_model)
 
-    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None):
-        loss, logs = super().loss(net, x, y, step=step, t=t, r=r, noise=noise)
+    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, cond=None):
+        loss, logs = super().loss(net, x, y, step=step, t=t, r=r, noise=noise, cond=cond)
         logs["lambda"] = torch.tensor(self.lam(step))
         return loss, logs
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from mfcli.errors import MFError
 
-from .common import TimeSampler, adaptive_weight, eval_mode, expand, null_labels, sum_sq, take
+from .common import TimeSampler, adaptive_weight, eval_mode, expand, null_labels, sum_sq, take, with_extra
 
 
 @dataclass
@@ -73,7 +73,7 @@ class SplitMeanFlow:
     # -- targets -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def boundary_velocity(self, z, t, v, y):
+    def boundary_velocity(self, z, t, v, y, extra=None):
         """e - x, or the teacher's v_u + s (v_c - v_u) with its fixed CFG scale s."""
         if self.cfg.boundary_target == "velocity":
             return v
@@ -86,10 +86,11 @@ class SplitMeanFlow:
         zero = torch.zeros_like(t)
         s = self.cfg.teacher_cfg_scale
         if y is None or s == 1.0:
-            return teacher(z, t, zero, {} if y is None else {"y": y})
+            return teacher(z, t, zero, with_extra({} if y is None else {"y": y}, extra))
         n = z.shape[0]
         null = null_labels(n, self.num_classes, z.device)
-        out = teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([zero, zero]), {"y": torch.cat([y, null])})
+        out = teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([zero, zero]),
+                      with_extra({"y": torch.cat([y, null])}, extra, repeat=2))
         v_c, v_u = out[:n], out[n:]
         # a dropped label is unconditional: its guided velocity is v_u
         return torch.where(expand(y == self.num_classes, z), v_u, v_u + s * (v_c - v_u))
@@ -106,7 +107,7 @@ class SplitMeanFlow:
 
     # -- the loss ----------------------------------------------------------------------------
 
-    def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, split=None):
+    def terms(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, split=None, cond=None):
         n, dev, dt = x.shape[0], x.device, x.dtype
         if t is None:
             t, r = self.sampler(n, device=dev, dtype=dt)
@@ -117,7 +118,8 @@ class SplitMeanFlow:
         e = torch.randn_like(x) if noise is None else noise
         z = (1 - expand(t, x)) * x + expand(t, x) * e
         v = e - x
-        cond = {}
+        extra = dict(cond or {})  # per-sample conditioning from the caller (augmentation labels)
+        cond = dict(extra)
         if self.num_classes:
             y = null_labels(n, self.num_classes, dev) if y is None else y
             drop = torch.rand(n, device=dev) < self.cfg.label_drop_prob
@@ -130,14 +132,14 @@ class SplitMeanFlow:
         target = torch.empty_like(x)
         if bnd.any():
             i = bnd.nonzero().squeeze(1)
-            target[i] = self.boundary_velocity(z[i], t[i], v[i], None if y is None else y[i])
+            target[i] = self.boundary_velocity(z[i], t[i], v[i], None if y is None else y[i], take(extra, i, n))
         if not bnd.all():
             i = (~bnd).nonzero().squeeze(1)
             target[i] = self.split_target(net, z[i], t[i], r[i], lam[i], take(cond, i, n))
         return {"u": u, "target": target, "boundary": bnd, "v": v}
 
-    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, split=None):
-        T = self.terms(net, x, y, step=step, t=t, r=r, noise=noise, split=split)
+    def loss(self, net, x, y=None, *, step=0, t=None, r=None, noise=None, split=None, cond=None):
+        T = self.terms(net, x, y, step=step, t=t, r=r, noise=noise, split=split, cond=cond)
         sq = sum_sq(T["u"] - T["target"])
         loss = (adaptive_weight(sq, self.cfg.norm_p, self.cfg.norm_eps) * sq).mean()
         d = math.prod(x.shape[1:])
