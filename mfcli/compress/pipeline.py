@@ -549,7 +549,7 @@ class Compressor:
             loader = DeviceLoader(images, labels, batch_size=cfg.batch_size, device=self.device,
                                   hflip=bool(getattr(self.train_set, "hflip", False)), seed=seed)
             batches, n = OnlinePairs(loader, self.baseline(), k), len(images)
-        steps = steps_of(cfg, n)
+        steps = self.recipe.modules.for_stage(k).train_steps or steps_of(cfg, n)
         if steps == 0:
             self._save_module(k, module)
             return {"steps": 0}

@@ -119,8 +119,11 @@ class ModuleConfig:
     steps: int = 0  # sampler steps; 0: 1, or [modules] last_stage_steps for the last stage
     per_step_nets: bool = False  # one velocity net per step (a chain of one-step MeanFlows) instead of one shared net
     net: str = "mlp"  # velocity net: "mlp" (pointwise over pixels, as released) or "conv" (3×3 convolutions, mixes pixels)
+    train_steps: int = 0  # phase-3 optimizer steps for this stage's module; 0: [meanflow] steps / epochs
 
     def validate(self) -> None:
+        if self.train_steps < 0:
+            raise ValueError(f"train_steps must be 0 (use [meanflow]) or more, got {self.train_steps}")
         if self.net not in ("mlp", "conv"):
             raise ValueError(f"net must be 'mlp' or 'conv', got {self.net!r}")
         if self.align_kernel not in (1, 3):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from helpers_compress import WEIGHTS, cifar_subset, run_main, tiny_recipe
 from mfcli.compress import load_compressed
 from mfcli.compress.loop import Context
-from mfcli.compress.modules import MeanFlowModule
+from mfcli.compress.modules import ConvVelocityNet, MeanFlowModule
 from mfcli.data import images_uint8_to_float
 from mftest import ROOT
 
@@ -165,12 +165,15 @@ def test_ctrl_c_in_a_subprocess_saves_a_resumable_checkpoint(data, tmp_path):
 
 
 def test_online_pairs_per_step_nets_and_no_incubation(data, tmp_path, monkeypatch, capsys):
-    """Features recomputed by the frozen baseline at every step, a chain of per-step velocity
-    nets in the last stage, and --incubate none (the hybrid is the meta model, fine-tuned)."""
+    """Features recomputed by the frozen baseline at every step, a chain of per-step conv
+    velocity nets with their own step budget in the last stage, and --incubate none (the
+    hybrid is the meta model, fine-tuned)."""
     _, npz, weights = data
     recipe = tiny_recipe(tmp_path / "tiny.toml", npz, pairs=0, extra="""
         [modules.stage3]
         per_step_nets = true
+        net = "conv"
+        train_steps = 6
         """)
     code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "none",
                             "--recipe", recipe, "--runs-dir", tmp_path / "runs")
@@ -182,5 +185,7 @@ def test_online_pairs_per_step_nets_and_no_incubation(data, tmp_path, monkeypatc
     hybrid = load_compressed(run / "hybrid.safetensors")
     assert all(isinstance(s, MeanFlowModule) for s in hybrid.stages)
     assert len(hybrid.stages[2].nets) == 2 and hybrid.stages[2].spec.per_step_nets
+    assert hybrid.stages[2].spec.net == "conv" and isinstance(hybrid.stages[2].nets[0], ConvVelocityNet)
+    assert done["meanflow.stage3"]["steps"] == 6 and done["meanflow.stage2"]["steps"] == 4
     rep = json.loads((run / "report.json").read_text())
     assert rep["models"]["hybrid"]["params"] == rep["models"]["meta"]["params"] == sum(p.numel() for p in hybrid.parameters())

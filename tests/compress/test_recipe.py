@@ -65,6 +65,8 @@ def test_overrides_apply_and_are_validated(tmp_path):
     (("hidden = 64", "hiden = 64"), r"\[modules.stage3\]: unknown key 'hiden'.*Did you mean 'hidden'"),
     (("[modules.stage3]", "[modules.stag3]"), r"unknown key 'stag3'.*Did you mean 'stage3'"),
     (("default = {hidden = 32}", "default = {hidden = 32, align_kernel = 5}"), r"align_kernel must be 1 or 3"),
+    (("hidden = 64", 'hidden = 64\nnet = "resnet"'), r"net must be 'mlp' or 'conv', got 'resnet'"),
+    (("hidden = 64", "hidden = 64\ntrain_steps = -1"), r"train_steps must be 0 \(use \[meanflow\]\) or more, got -1"),
     (('name = "npz"', 'name = "nzp"'), r"unknown dataset 'nzp'.*Did you mean 'npz'"),
     (('path = "x.npz"', 'path = "x.npz"\nroot = "y"'), r"\[data\] \(dataset 'npz'\): unknown key 'root'"),
     (("[meta]", "[metta]"), r"unknown table \[metta\].*Did you mean 'meta'"),
