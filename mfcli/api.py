@@ -56,4 +56,9 @@ class Objective(Protocol):
         t: torch.Tensor | None = None,
         r: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]: ...
+        cond: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The batch's loss and scalars to log. ``cond`` (passed only when the recipe asks for
+        it, e.g. ``data.augment = "edm"``) holds per-sample conditioning, rows aligned with
+        ``x``, that every network call must receive for the samples it sees."""
+        ...
