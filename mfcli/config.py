@@ -44,6 +44,10 @@ class DataLoaderConfig:
     augment: Literal["none", "edm"] = "none"  # "edm": EDM's geometric augmentation with labels as conditioning (mfcli.augment)
     augment_p: float = 0.12  # probability of each augmentation ("edm"; MeanFlow CIFAR-10: 0.12)
 
+    def validate(self) -> None:
+        if not 0.0 <= self.augment_p <= 1.0:
+            raise ValueError(f"augment_p must lie in [0, 1], got {self.augment_p}")
+
 
 @dataclass
 class TrainConfig:

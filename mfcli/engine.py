@@ -193,8 +193,6 @@ class Trainer:
                 raise MFError(f"data.augment = 'edm' gives the network {AUGMENT_DIM} augmentation labels, but the "
                               f"'{recipe.names['backbone']}' backbone as configured takes none; use the unet backbone "
                               f"with augment_dim = {AUGMENT_DIM}, or data.augment = 'none'.")
-            if not 0.0 <= recipe.loader.augment_p <= 1.0:
-                raise MFError(f"data.augment_p must lie in [0, 1], got {recipe.loader.augment_p}.")
             self.augment = EDMAugment(recipe.loader.augment_p)
         self.net.to(self.device)
         if self.dist.enabled:

@@ -148,6 +148,15 @@ def test_engine_refuses_augmentation_for_a_backbone_without_labels(tmp_path):
         Trainer(r, tmp_path / "run")
 
 
+def test_augment_probability_out_of_range_is_a_recipe_error(tmp_path):
+    from mfcli.config import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text('[data]\nname = "toy"\naugment = "edm"\naugment_p = 1.5\n[backbone]\nname = "mlp"\n[objective]\nname = "fm"\n')
+    with pytest.raises(MFError, match=r"\[data\]: augment_p must lie in \[0, 1\], got 1.5"):
+        load_recipe(p)
+
+
 def test_engine_passes_the_labels_of_the_augmented_batch(tmp_path):
     """A recorded step: the objective sees augmented images and their labels as cond."""
     from mfcli.config import load_recipe
