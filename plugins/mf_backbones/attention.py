@@ -111,43 +111,65 @@ def _blockwise_jvp(q, k, v, o, dq, dk, dv) -> tuple[torch.Tensor, torch.Tensor]:
     wt = _work_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
     lead, T, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+    Tk = k.shape[-2]
+    both = dq is not None and dk is not None
 
-    # (B·H, T, d) contiguous operands once: batched 3-D matmuls are ~1.5x faster than 4-D ones
-    # on CPU, and the block matmuls below then never copy
-    def flat(x):
-        return x.to(wt).reshape(-1, *x.shape[-2:]).contiguous() if x is not None else None
+    # Operands as (B·H, T, n·d) contiguous blocks (batched 3-D matmuls are ~1.5x faster than
+    # 4-D ones on CPU), each written in one pass from the (usually head-strided) inputs;
+    # operands used together sit side by side, so the block matmuls below take views and
+    # never copy: [dQ, Q]/√d and [K, dK] (dS = [dQ, Q] [K, dK]ᵀ / √d as one matmul), [V, dV]
+    # (O and P dV from one matmul when the primal is wanted).
+    def side_by_side(xs, mul=None):
+        if torch.is_grad_enabled():  # gradients may flow ("fused" JVP mode; requires_grad is not visible inside torch.func)
+            out = torch.cat([x.to(wt) * mul if mul is not None else x.to(wt) for x in xs], dim=-1)
+        else:
+            out = torch.empty(*lead, xs[0].shape[-2], len(xs) * d, dtype=wt, device=q.device)
+            for i, x in enumerate(xs):
+                part = out[..., i * d:(i + 1) * d]
+                torch.mul(x, mul, out=part) if mul is not None else part.copy_(x)
+        return out.reshape(-1, out.shape[-2], out.shape[-1])
 
-    q_, k_, v_, o_, dq_, dk_, dv_ = map(flat, (q, k, v, o, dq, dk, dv))
-    # dS = [dQ, Q] [K, dK]ᵀ / √d as one matmul per block when both tangents exist
-    if dq_ is not None and dk_ is not None:
-        kk_t = torch.cat([k_, dk_], dim=-1).transpose(1, 2)  # (BH, 2d, T)
+    if both:
+        qq = side_by_side([dq, q], scale)
+        q_s, dq_s = qq[..., d:], None
+        kk = side_by_side([k, dk])
+        k_t, dk_t = kk[..., :d].transpose(1, 2), None
+        kk_t = kk.transpose(1, 2)
     else:
-        kk_t = (dk_ if dk_ is not None else k_).transpose(1, 2)
-    k_t = k_.transpose(1, 2)
-    # the primal wanted too: P [V, dV] gives O and P dV in one matmul
+        q_s = side_by_side([q], scale)
+        dq_s = side_by_side([dq], scale) if dq is not None else None
+        k_t = side_by_side([k]).transpose(1, 2)
+        dk_t = side_by_side([dk]).transpose(1, 2) if dk is not None else None
     vv = None
-    if o_ is None:
-        vv = torch.cat([v_, dv_], dim=-1) if dv_ is not None else v_
+    if o is None:  # the primal wanted too: P [V, dV] gives O and P dV in one matmul
+        vv = side_by_side([v, dv] if dv is not None else [v])
+        v_, dv_, o_ = vv[..., :d], None, None
+    else:
+        v_ = side_by_side([v])
+        dv_ = side_by_side([dv]) if dv is not None else None
+        o_ = o.to(wt).reshape(-1, T, d)
     C = _query_block(q, k)
     outs, blocks = [], []
     for s in range(0, T, C):
-        qc = q_[:, s : s + C] * scale  # (BH, C, d)
-        p = torch.softmax(torch.bmm(qc, k_t), dim=-1)  # (BH, C, T)
+        qc = q_s[:, s : s + C]  # (BH, C, d), already scaled
+        p = torch.softmax(torch.bmm(qc, k_t), dim=-1)  # (BH, C, Tk)
         p_dv = None
         if vv is not None:
             pv = torch.bmm(p, vv)
             oc = pv[..., :d]
-            p_dv = pv[..., d:] if dv_ is not None else None
+            p_dv = pv[..., d:] if dv is not None else None
             outs.append(oc)
         else:
             oc = o_[:, s : s + C]
         out = None
-        if dq_ is not None or dk_ is not None:
-            if dq_ is not None and dk_ is not None:
-                qq = torch.cat([dq_[:, s : s + C] * scale, qc], dim=-1)
+        if dq is not None or dk is not None:
+            if both:
+                a, b = qq[:, s : s + C], kk_t
+            elif dq is not None:
+                a, b = dq_s[:, s : s + C], k_t
             else:
-                qq = dq_[:, s : s + C] * scale if dq_ is not None else qc
-            pds = torch.bmm(qq, kk_t).mul_(p)  # P ∘ dS, (BH, C, T)
+                a, b = qc, dk_t
+            pds = torch.bmm(a, b).mul_(p)  # P ∘ dS, (BH, C, Tk)
             # (P ∘ dS) V - rowsum(P ∘ dS) ∘ O (+ P dV) in one fused call
             base = oc * -pds.sum(-1, keepdim=True)
             if p_dv is not None:
@@ -156,7 +178,7 @@ def _blockwise_jvp(q, k, v, o, dq, dk, dv) -> tuple[torch.Tensor, torch.Tensor]:
             del pds
         elif p_dv is not None:
             out = p_dv
-        if dv_ is not None and p_dv is None:
+        if dv_ is not None:  # the tangent of V when P dV did not come with the primal
             out = torch.bmm(p, dv_) if out is None else torch.baddbmm(out, p, dv_)
         if out is None:  # no tangent at all
             out = torch.zeros_like(oc)
