@@ -4,6 +4,9 @@
 2. pairs               each stage's input and output features from the frozen baseline
 3. meanflow.stageK     each stage's MeanFlow module, trained with the MeanFlow objective
                        (METHODS §1.1) between its aligned input (t = 1) and its output (t = 0)
+   dropin.stageK       optional, not in the paper ([dropin] steps > 0): each stage that keeps
+                       its module in the hybrid, trained as a drop-in for its stage inside the
+                       frozen baseline on kept stage inputs, towards the baseline's logits
 4. meta                stem + all modules + head, fine-tuned end to end (CE, AdamW, cosine)
 5. incubate.stageK     the stages named in --incubate get their residual blocks back,
                        initialised from the baseline's ("deep incubation"), and are trained one
@@ -100,16 +103,22 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 class PairBatches:
-    """Endless, resumable batches of (stage input, stage output) from kept features.
+    """Endless, resumable batches of kept tensors with the same first dimension, e.g. (stage
+    input, stage output). Floating tensors come as float32, image-shaped ones in ``memory_format``.
 
     Order from ``mfcli.data.epoch_plan(seed, epoch)``, like the image loaders; state = (epoch, position).
     """
 
-    def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor, *, batch_size: int, seed: int, device):
-        if len(inputs) < batch_size:
-            raise MFError(f"{len(inputs)} kept feature pairs are fewer than one batch of {batch_size}; raise pairs.num_images or lower meanflow.batch_size.")
-        self.inputs, self.outputs, self.batch_size, self.seed, self.device = inputs, outputs, batch_size, seed, device
-        self.per_epoch = len(inputs) // batch_size
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, seed: int, device,
+                 memory_format: torch.memory_format = torch.contiguous_format, what: str = "pairs.num_images or lower meanflow.batch_size"):
+        n = len(tensors[0])
+        if any(len(t) != n for t in tensors):
+            raise AssertionError("kept tensors of different lengths")
+        if n < batch_size:
+            raise MFError(f"{n} kept feature pairs are fewer than one batch of {batch_size}; raise {what}.")
+        self.tensors, self.n, self.batch_size, self.seed, self.device = tensors, n, batch_size, seed, device
+        self.per_epoch = n // batch_size
+        self.memory_format = memory_format
         self.epoch, self.position, self._perm, self._perm_epoch = 0, 0, None, None
 
     def __iter__(self):
@@ -117,19 +126,25 @@ class PairBatches:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._perm_epoch != self.epoch:
-            self._perm, _ = epoch_plan(self.seed, self.epoch, len(self.inputs))
+            self._perm, _ = epoch_plan(self.seed, self.epoch, self.n)
             self._perm_epoch = self.epoch
         idx = self._perm[self.position * self.batch_size:(self.position + 1) * self.batch_size]
         self.position += 1
         if self.position == self.per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return (self.inputs[idx].to(self.device, torch.float32), self.outputs[idx].to(self.device, torch.float32))
+        return tuple(self._batch(t[idx]) for t in self.tensors)
+
+    def _batch(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t.to(self.device)
+        t = t.to(self.device, torch.float32)
+        return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.inputs), "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n, "batch_size": self.batch_size}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        if (int(st["seed"]), int(st["n"]), int(st["batch_size"])) != (self.seed, len(self.inputs), self.batch_size):
+        if (int(st["seed"]), int(st["n"]), int(st["batch_size"])) != (self.seed, self.n, self.batch_size):
             raise MFError("the feature-pair order of the checkpoint does not match this run (seed, pairs or batch size changed).")
         self.epoch, self.position = int(st["epoch"]), int(st["position"])
 
@@ -233,6 +248,7 @@ class Compressor:
         if recipe.run.threads > 0:
             torch.set_num_threads(recipe.run.threads)
         self.device = pick_device(device or recipe.run.device)
+        self.memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format
         self.reg = default_registry()
         self.train_set = self._dataset("train")
         self.test_set = self._dataset("test")
@@ -265,6 +281,11 @@ class Compressor:
         if recipe.pairs.num_images > len(self.train_set):
             raise MFError(f"pairs.num_images = {recipe.pairs.num_images}, but the training split has {len(self.train_set)} images.")
         self.mf_objective = self.reg.build("objectives", "mf", recipe.objective, num_classes=0)
+        if recipe.dropin.num_images > len(self.train_set):
+            raise MFError(f"dropin.num_images = {recipe.dropin.num_images}, but the training split has {len(self.train_set)} images.")
+        # the stages whose module reaches the hybrid get the drop-in phase, when it has a budget
+        self.dropin_stages = [k for k in range(1, self.num_stages + 1) if k not in inv.incubate] \
+            if steps_of(recipe.dropin, recipe.dropin.num_images or len(self.train_set)) > 0 else []
         self.run_dir = Path(run_dir) if run_dir else None
         self.runs_dir = runs_dir
         self._cache: dict[str, Any] = {}
@@ -293,6 +314,7 @@ class Compressor:
     def phase_names(self) -> list[str]:
         names = ["baseline", "eval.baseline", "pairs"]
         names += [f"meanflow.stage{k}" for k in range(1, self.num_stages + 1)]
+        names += [f"dropin.stage{k}" for k in self.dropin_stages]
         names += ["meta", "eval.meta"]
         names += [f"incubate.stage{k}" for k in self.inv.incubate]
         return names + ["finetune", "eval.hybrid", "report"]
@@ -325,13 +347,17 @@ class Compressor:
         A.save_compressed(path, model, base=self.inv.model, num_classes=self.num_classes, shape=self.shape,
                           config=self._config(), **meta)
 
+    def _place(self, model: nn.Module) -> nn.Module:
+        """On the run's device, in its memory layout (NHWC with ``run.channels_last``)."""
+        return model.to(self.device, memory_format=self.memory_format)
+
     def _load_into(self, model: nn.Module, path: Path) -> nn.Module:
         state, _ = checkpoint.load_weights(path)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise MFError(f"{path} does not match this run's model ({str(exc).splitlines()[0]}); was the run directory edited?") from exc
-        return model.to(self.device)
+        return self._place(model)
 
     # -- the models of each phase, rebuilt from the run directory -------------------------------
     def baseline(self) -> nn.Module:
@@ -343,7 +369,11 @@ class Compressor:
         return self._cache["baseline"]
 
     def mf_module(self, k: int) -> MeanFlowModule:
-        return self._load_into(MeanFlowModule(self.specs[k]), self.run_dir / f"meanflow_stage{k}.safetensors")
+        """Stage k's module: from the drop-in phase when it has run for k, else from phase 3."""
+        path = self.run_dir / f"dropin_stage{k}.safetensors"
+        if k not in self.dropin_stages or not path.is_file():
+            path = self.run_dir / f"meanflow_stage{k}.safetensors"
+        return self._load_into(MeanFlowModule(self.specs[k]), path)
 
     def assembled_meta(self) -> nn.Module:
         """Baseline stem and head with every stage replaced by its trained module."""
@@ -351,7 +381,7 @@ class Compressor:
         meta = A.replace_stages(self.baseline(), mods)
         for p in meta.parameters():
             p.requires_grad_(True)
-        return meta.to(self.device)
+        return self._place(meta)
 
     def meta(self) -> nn.Module:
         m = A.replace_stages(self.base, {k: MeanFlowModule(self.specs[k]) for k in range(1, self.num_stages + 1)})
@@ -365,7 +395,7 @@ class Compressor:
         hybrid = A.replace_stages(self.meta(), {k: self.incubated_stage(k) for k in self.inv.incubate})
         for p in hybrid.parameters():
             p.requires_grad_(True)
-        return hybrid.to(self.device)
+        return self._place(hybrid)
 
     def hybrid(self) -> nn.Module:
         m = A.replace_stages(self.base, {k: MeanFlowModule(self.specs[k]) for k in range(1, self.num_stages + 1) if k not in self.inv.incubate})
@@ -436,6 +466,8 @@ class Compressor:
             return self.phase_pairs()
         if name.startswith("meanflow.stage"):
             return self.phase_meanflow(int(name.removeprefix("meanflow.stage")))
+        if name.startswith("dropin.stage"):
+            return self.phase_dropin(int(name.removeprefix("dropin.stage")))
         if name == "meta":
             return self.phase_meta()
         if name.startswith("incubate.stage"):
@@ -461,7 +493,7 @@ class Compressor:
                               hflip=bool(getattr(self.train_set, "hflip", False)), seed=seed)
         params = [p for p in trained.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg)
-        model.to(self.device)
+        self._place(model)
         if set_modes is None:
             model.train()
         else:
@@ -471,7 +503,7 @@ class Compressor:
 
         def step_fn(batch):
             x, y = batch
-            x = random_crop(x, cfg.crop_pad)
+            x = random_crop(x, cfg.crop_pad).contiguous(memory_format=self.memory_format)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if teacher is not None:  # optional (not in the paper): soft targets of the frozen baseline
@@ -488,12 +520,12 @@ class Compressor:
 
     # -- phase 1 --------------------------------------------------------------------------------
     def phase_baseline(self) -> dict[str, Any]:
-        model = copy.deepcopy(self.base).to(self.device)
+        model = self._place(copy.deepcopy(self.base))
         if self.inv.weights:
             info = {"source": str(self.inv.weights)}
         else:
             torch.manual_seed(phase_seed(self.recipe.run.seed, "baseline-init"))
-            model = A.build_base(self.inv.model, num_classes=self.num_classes, shape=self.shape, registry=self.reg).to(self.device)
+            model = self._place(A.build_base(self.inv.model, num_classes=self.num_classes, shape=self.shape, registry=self.reg))
             info = {"source": "trained", **self._train_classifier("baseline", model, self.recipe.baseline, trained=model)}
         self._save_model(self.run_dir / "baseline.safetensors", model, phase="baseline")
         return info
@@ -519,7 +551,7 @@ class Compressor:
                     h = stage(h)
                     feats[k].append(h.to("cpu", dtype))
                 bar.update(min(cfg.num_images, i + cfg.batch_size))
-        tensors = {f"feat{k}": torch.cat(f) for k, f in enumerate(feats)}
+        tensors = {f"feat{k}": torch.cat(f).contiguous() for k, f in enumerate(feats)}
         tensors["index"] = index
         runs.atomic_write_with(self.run_dir / "pairs.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mf-pairs-1"}))
         return {"mode": "kept", "num_images": cfg.num_images,
@@ -539,10 +571,11 @@ class Compressor:
         cfg, phase = self.recipe.meanflow, f"meanflow.stage{k}"
         seed = phase_seed(self.recipe.run.seed, phase)
         torch.manual_seed(seed)
-        module = MeanFlowModule(self.specs[k]).to(self.device).train()
+        module = self._place(MeanFlowModule(self.specs[k])).train()
         if self.recipe.pairs.num_images:
             pairs = self._pairs()
-            batches = PairBatches(pairs[f"feat{k - 1}"], pairs[f"feat{k}"], batch_size=cfg.batch_size, seed=seed, device=self.device)
+            batches = PairBatches(pairs[f"feat{k - 1}"], pairs[f"feat{k}"], batch_size=cfg.batch_size, seed=seed, device=self.device,
+                                  memory_format=self.memory_format)
             n = len(pairs["index"])
         else:
             images, labels = self.train_set.tensors()
@@ -566,6 +599,71 @@ class Compressor:
         checkpoint.save_weights(self.run_dir / f"meanflow_stage{k}.safetensors", module.state_dict(), self._config(),
                                 spec=module.spec.to_json(), stage=k)
 
+    # -- phase 3b -------------------------------------------------------------------------------
+    def _dropin_data(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stage k's input, the baseline's logits, labels) for the kept training images, unaugmented.
+
+        Recomputed (deterministically) when a run is resumed rather than written to the run directory.
+        """
+        cfg = self.recipe.dropin
+        images, labels = self.train_set.tensors()
+        n = cfg.num_images or len(images)
+        index = torch.arange(len(images))
+        if n < len(images):
+            index = torch.randperm(len(images), generator=torch.Generator().manual_seed(phase_seed(self.recipe.run.seed, "dropin")))[:n]
+        base = self.baseline()
+        dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+        inputs, logits = [], []
+        batch = self.recipe.pairs.batch_size
+        with torch.no_grad(), self.ctx.progress(n) as bar:
+            for i in range(0, n, batch):
+                self.ctx.check_stop(f"dropin.stage{k}")
+                x = images_uint8_to_float(images[index[i:i + batch]].to(self.device)).contiguous(memory_format=self.memory_format)
+                h = base.stem(base.normalize(x))
+                for stage in base.stages[:k - 1]:
+                    h = stage(h)
+                inputs.append(h.to("cpu", dtype))
+                for stage in base.stages[k - 1:]:
+                    h = stage(h)
+                logits.append(base.head(h).float().cpu())
+                bar.update(min(n, i + batch))
+        return torch.cat(inputs).contiguous(), torch.cat(logits), labels[index].long()
+
+    def phase_dropin(self, k: int) -> dict[str, Any]:
+        cfg, phase = self.recipe.dropin, f"dropin.stage{k}"
+        inputs, teacher_logits, labels = self._dropin_data(k)
+        seed = phase_seed(self.recipe.run.seed, phase)
+        torch.manual_seed(seed)
+        module = self.mf_module(k).train()
+        base = self.baseline()  # frozen, eval mode: the stages after k and the head
+        batches = PairBatches(inputs, teacher_logits, labels, batch_size=cfg.batch_size, seed=seed, device=self.device,
+                              memory_format=self.memory_format, what="dropin.num_images or lower dropin.batch_size")
+        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        T = cfg.distill_temperature
+
+        def step_fn(batch):
+            x, soft_logits, y = batch
+            h = module(x)
+            for stage in base.stages[k:]:
+                h = stage(h)
+            logits = base.head(h)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if cfg.distill > 0:
+                kl = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(soft_logits / T, dim=1), log_target=True, reduction="batchmean")
+                loss = (1 - cfg.distill) * loss + cfg.distill * T**2 * kl
+            loss.backward()
+            pred = logits.detach().argmax(1)
+            return {"loss": loss.detach(), "acc": (pred == y).float().mean() * 100,
+                    "agree": (pred == soft_logits.argmax(1)).float().mean() * 100}
+
+        steps = steps_of(cfg, len(labels))
+        last = run_steps(self.ctx, phase, total=steps, modules=module, optimizer=opt, batches=batches, step_fn=step_fn,
+                         cfg=cfg, images_per_step=cfg.batch_size)
+        checkpoint.save_weights(self.run_dir / f"dropin_stage{k}.safetensors", module.state_dict(), self._config(),
+                                spec=module.spec.to_json(), stage=k)
+        return {"steps": steps, "num_images": len(labels), "train_loss": last.get("loss"), "train_acc": last.get("acc"),
+                "teacher_agreement": last.get("agree")}
+
     # -- phase 4 --------------------------------------------------------------------------------
     def phase_meta(self) -> dict[str, Any]:
         meta = self.assembled_meta()
@@ -576,6 +674,9 @@ class Compressor:
     # -- phase 5 --------------------------------------------------------------------------------
     def phase_incubate(self, k: int) -> dict[str, Any]:
         model = self.meta()
+        if self.recipe.incubate.progressive:  # the stages incubated before this one, in place
+            for j in self.inv.incubate[: self.inv.incubate.index(k)]:
+                model.stages[j - 1] = self.incubated_stage(j)
         # deep incubation: the stage's residual blocks, initialised from the baseline's
         model.stages[k - 1] = copy.deepcopy(self.baseline().stages[k - 1])
         for p in model.parameters():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from helpers_compress import WEIGHTS, cifar_subset, run_main, tiny_recipe
 from mfcli.compress import load_compressed
 from mfcli.compress.loop import Context
-from mfcli.compress.modules import ConvVelocityNet, MeanFlowModule
+from mfcli.compress.modules import ConvVelocityNet, MeanFlowModule, ModuleSpec
 from mfcli.data import images_uint8_to_float
 from mftest import ROOT
 
@@ -189,3 +189,106 @@ def test_online_pairs_per_step_nets_and_no_incubation(data, tmp_path, monkeypatc
     assert done["meanflow.stage3"]["steps"] == 6 and done["meanflow.stage2"]["steps"] == 4
     rep = json.loads((run / "report.json").read_text())
     assert rep["models"]["hybrid"]["params"] == rep["models"]["meta"]["params"] == sum(p.numel() for p in hybrid.parameters())
+
+
+@pytest.mark.parametrize("progressive", [True, False])
+def test_incubation_order_and_memory_layout(full_run, tmp_path, monkeypatch, progressive):
+    """Progressive incubation trains stage 3 behind the already incubated stage 1 (the inputs it
+    gets in the hybrid); independent incubation behind stage 1's MeanFlow module. Stage 2 keeps
+    its module either way, and the models are in the recipe's memory layout."""
+    import shutil
+
+    from mfcli import checkpoint, runs
+    from mfcli.compress.pipeline import Compressor, Invocation
+    from mfcli.compress.recipe import load_compress_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    cfg = dict(runs.read_config(run)["config"])
+    inv_raw = cfg.pop("invocation")
+    cfg["incubate"] = {**cfg["incubate"], "progressive": progressive}
+    comp = Compressor(load_compress_recipe("tiny", raw=cfg), Invocation(inv_raw["model"], inv_raw["incubate"], inv_raw["weights"]),
+                      run_dir=run, quiet=True)
+    seen = {}
+
+    def capture(self, phase, model, cfg, *, trained, set_modes=None):
+        set_modes()
+        seen.update(phase=phase, model=model, trained=trained)
+        return {"steps": 0}
+
+    monkeypatch.setattr(Compressor, "_train_classifier", capture)
+    comp.phase_incubate(3)
+    model, trained = seen["model"], seen["trained"]
+    assert seen["phase"] == "incubate.stage3" and trained is model.stages[2] and not isinstance(trained, MeanFlowModule)
+    assert isinstance(model.stages[1], MeanFlowModule)
+    if progressive:
+        assert not isinstance(model.stages[0], MeanFlowModule)
+        want = checkpoint.load_weights(run / "incubate_stage1.safetensors")[0]
+        got = model.stages[0].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    else:
+        assert isinstance(model.stages[0], MeanFlowModule)
+    assert not any(p.requires_grad for s in (model.stem, model.stages[0], model.stages[1], model.head) for p in s.parameters())
+    assert all(p.requires_grad for p in trained.parameters())
+    assert not model.stages[0].training and trained.training  # frozen parts keep their BatchNorm statistics
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch, capsys):
+    """[dropin]: the module of every stage that reaches the hybrid (here stage 2, with stages 1
+    and 3 incubated) is trained inside the frozen baseline towards the baseline's logits on the
+    kept images: the distillation loss of baseline-with-module on those images must fall, and the
+    meta model must be built from the drop-in module."""
+    import numpy as np
+
+    from mfcli import checkpoint
+    from mfcli.compress import arch as A
+
+    _, npz, weights = data
+    recipe = tiny_recipe(tmp_path / "tiny.toml", npz, extra="""
+        [dropin]
+        steps = 24
+        batch_size = 64
+        lr = 3e-3
+        warmup_steps = 0
+        distill = 1.0
+        log_every = 1
+        ckpt_every = 10
+        """)
+    code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "1,3",
+                            "--recipe", recipe, "--runs-dir", tmp_path / "runs", "meta.steps=0")
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    done = json.loads((run / "phases.json").read_text())["done"]
+    names = list(done)
+    assert names.index("meanflow.stage3") < names.index("dropin.stage2") < names.index("meta")
+    assert [n for n in names if n.startswith("dropin")] == ["dropin.stage2"]  # incubated stages get none
+    assert done["dropin.stage2"]["steps"] == 24 and done["dropin.stage2"]["num_images"] == 512
+
+    base = load_compressed(run / "baseline.safetensors")
+    arr = np.load(npz)
+    x = images_uint8_to_float(torch.from_numpy(arr["x_train"]).permute(0, 3, 1, 2).contiguous())
+
+    def module(name):
+        state, meta = checkpoint.load_weights(run / name)
+        m = MeanFlowModule(ModuleSpec(**meta["spec"]))
+        m.load_state_dict(state)
+        return m
+
+    def kl_of(mod):
+        net = A.replace_stages(base, {2: mod}).eval()
+        with torch.no_grad():
+            t = torch.log_softmax(base(x) / 4, 1)
+            s = torch.log_softmax(net(x) / 4, 1)
+        return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean"))
+
+    before, after = kl_of(module("meanflow_stage2.safetensors")), kl_of(module("dropin_stage2.safetensors"))
+    assert after < 0.7 * before, (before, after)
+    # with meta.steps = 0 the meta model is the assembled one: its stage 2 is the drop-in module
+    meta = load_compressed(run / "meta.safetensors")
+    want = checkpoint.load_weights(run / "dropin_stage2.safetensors")[0]
+    got = meta.stages[1].state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not torch.equal(want["nets.0.fc3.weight"], checkpoint.load_weights(run / "meanflow_stage2.safetensors")[0]["nets.0.fc3.weight"])
+    assert 0 <= done["dropin.stage2"]["teacher_agreement"] <= 100
