@@ -601,9 +601,11 @@ class Compressor:
 
     # -- phase 3b -------------------------------------------------------------------------------
     def _dropin_data(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stage k's input, the baseline's logits, labels) for the kept training images, unaugmented.
+        """(stage k's input, the baseline's logits, labels) for ``views`` views of each kept training
+        image: the image itself, then random crops with random flips.
 
-        Recomputed (deterministically) when a run is resumed rather than written to the run directory.
+        Recomputed (deterministically: the views come from the phase's own seed) when a run is
+        resumed rather than written to the run directory.
         """
         cfg = self.recipe.dropin
         images, labels = self.train_set.tensors()
@@ -615,10 +617,17 @@ class Compressor:
         dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
         inputs, logits = [], []
         batch = self.recipe.pairs.batch_size
-        with torch.no_grad(), self.ctx.progress(n) as bar:
-            for i in range(0, n, batch):
+        torch.manual_seed(phase_seed(self.recipe.run.seed, f"dropin-views{k}"))
+        chunks = [(view, j) for view in range(cfg.views) for j in range(0, n, batch)]
+        with torch.no_grad(), self.ctx.progress(n * cfg.views) as bar:
+            for view, j in chunks:
                 self.ctx.check_stop(f"dropin.stage{k}")
-                x = images_uint8_to_float(images[index[i:i + batch]].to(self.device)).contiguous(memory_format=self.memory_format)
+                x = images_uint8_to_float(images[index[j:j + batch]].to(self.device))
+                if view > 0:
+                    x = random_crop(x, cfg.crop_pad)
+                    flip = torch.rand(len(x), device=x.device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                x = x.contiguous(memory_format=self.memory_format)
                 h = base.stem(base.normalize(x))
                 for stage in base.stages[:k - 1]:
                     h = stage(h)
@@ -626,8 +635,8 @@ class Compressor:
                 for stage in base.stages[k - 1:]:
                     h = stage(h)
                 logits.append(base.head(h).float().cpu())
-                bar.update(min(n, i + batch))
-        return torch.cat(inputs).contiguous(), torch.cat(logits), labels[index].long()
+                bar.update(view * n + j + len(x))
+        return torch.cat(inputs).contiguous(), torch.cat(logits), labels[index].long().repeat(cfg.views)
 
     def phase_dropin(self, k: int) -> dict[str, Any]:
         cfg, phase = self.recipe.dropin, f"dropin.stage{k}"
@@ -661,7 +670,7 @@ class Compressor:
                          cfg=cfg, images_per_step=cfg.batch_size)
         checkpoint.save_weights(self.run_dir / f"dropin_stage{k}.safetensors", module.state_dict(), self._config(),
                                 spec=module.spec.to_json(), stage=k)
-        return {"steps": steps, "num_images": len(labels), "train_loss": last.get("loss"), "train_acc": last.get("acc"),
+        return {"steps": steps, "kept": len(labels), "views": cfg.views, "train_loss": last.get("loss"), "train_acc": last.get("acc"),
                 "teacher_agreement": last.get("agree")}
 
     # -- phase 4 --------------------------------------------------------------------------------

@@ -68,10 +68,7 @@ class ClassifierPhase:
 
     def validate(self) -> None:
         _budget_checks(self)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.distill <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError(f"need 0 <= distill <= 1 and distill_temperature > 0, got {self.distill} and {self.distill_temperature}")
+        _loss_checks(self)
         if self.crop_pad < 0:
             raise ValueError(f"crop_pad must be 0 or more, got {self.crop_pad}")
 
@@ -129,6 +126,8 @@ class DropInPhase:
     epochs: float = 0.0  # passes over the kept images; or give steps
     steps: int = 0  # optimizer steps per stage (wins over epochs when > 0); both 0 skip the phase
     num_images: int = 0  # training images whose stage inputs are kept (one pass of the frozen baseline); 0: the whole training split
+    views: int = 1  # kept views of each image: the image itself, then views - 1 random crops (padding crop_pad) with random flips
+    crop_pad: int = 4
     dtype: Literal["float16", "float32"] = "float16"  # storage of the kept inputs (training is fp32)
     batch_size: int = 128
     lr: float = 1e-3
@@ -146,10 +145,9 @@ class DropInPhase:
         _budget_checks(self)
         if self.num_images < 0:
             raise ValueError(f"num_images must be 0 (the whole training split) or more, got {self.num_images}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.distill <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError(f"need 0 <= distill <= 1 and distill_temperature > 0, got {self.distill} and {self.distill_temperature}")
+        if self.views < 1 or self.crop_pad < 0:
+            raise ValueError(f"need views >= 1 (the image itself counts) and crop_pad >= 0, got {self.views} and {self.crop_pad}")
+        _loss_checks(self)
 
 
 @dataclass
@@ -225,6 +223,13 @@ def _budget_checks(cfg) -> None:
         raise ValueError("warmup_steps, grad_clip and weight_decay must be 0 or more")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise ValueError("log_every and ckpt_every must be at least 1")
+
+
+def _loss_checks(cfg) -> None:
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    if not 0.0 <= cfg.distill <= 1.0 or cfg.distill_temperature <= 0:
+        raise ValueError(f"need 0 <= distill <= 1 and distill_temperature > 0, got {cfg.distill} and {cfg.distill_temperature}")
 
 
 def steps_of(cfg, num_samples: int) -> int:

@@ -249,6 +249,7 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
     recipe = tiny_recipe(tmp_path / "tiny.toml", npz, extra="""
         [dropin]
         steps = 24
+        views = 2
         batch_size = 64
         lr = 3e-3
         warmup_steps = 0
@@ -264,7 +265,7 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
     names = list(done)
     assert names.index("meanflow.stage3") < names.index("dropin.stage2") < names.index("meta")
     assert [n for n in names if n.startswith("dropin")] == ["dropin.stage2"]  # incubated stages get none
-    assert done["dropin.stage2"]["steps"] == 24 and done["dropin.stage2"]["num_images"] == 512
+    assert done["dropin.stage2"]["steps"] == 24 and done["dropin.stage2"]["kept"] == 2 * 512
 
     base = load_compressed(run / "baseline.safetensors")
     arr = np.load(npz)
@@ -292,3 +293,44 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert not torch.equal(want["nets.0.fc3.weight"], checkpoint.load_weights(run / "meanflow_stage2.safetensors")[0]["nets.0.fc3.weight"])
     assert 0 <= done["dropin.stage2"]["teacher_agreement"] <= 100
+
+
+def test_dropin_data_are_the_baselines_features_and_logits(full_run, tmp_path):
+    """The kept inputs of stage k are the frozen baseline's features (view 1: the images
+    themselves; view 2: random crops with flips), and the kept logits are the baseline's on
+    the same view: head(stages k.. (input)) up to the fp16 storage of the input."""
+    import shutil
+
+    import numpy as np
+
+    from mfcli import runs
+    from mfcli.compress.pipeline import Compressor, Invocation
+    from mfcli.compress.recipe import load_compress_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    cfg = dict(runs.read_config(run)["config"])
+    inv_raw = cfg.pop("invocation")
+    cfg["dropin"] = {**cfg["dropin"], "steps": 1, "views": 2, "num_images": 100, "dtype": "float32"}
+    comp = Compressor(load_compress_recipe("tiny", raw=cfg), Invocation(inv_raw["model"], inv_raw["incubate"], inv_raw["weights"]),
+                      run_dir=run, quiet=True)
+    comp.ctx = Context(run, comp.device, quiet=True)
+    inputs, logits, labels = comp._dropin_data(2)
+    assert inputs.shape[0] == logits.shape[0] == labels.shape[0] == 200 and inputs.shape[1:] == (16, 32, 32)
+    base = comp.baseline()
+    images, all_labels = comp.train_set.tensors()
+    x = images_uint8_to_float(images).contiguous(memory_format=comp.memory_format)
+    with torch.no_grad():
+        prefix = base.stages[0](base.stem(base.normalize(x)))
+        full = base(x)
+        rest = base.head(base.stages[2](base.stages[1](inputs.contiguous(memory_format=comp.memory_format))))
+    # view 1: a subset of the plain images; find each kept row among them
+    dist = torch.cdist(inputs[:100].flatten(1), prefix.flatten(1))
+    match = dist.argmin(1)
+    assert torch.allclose(inputs[:100], prefix[match], atol=1e-5) and len(set(match.tolist())) == 100
+    assert torch.allclose(logits[:100], full[match], atol=1e-4) and torch.equal(labels[:100], all_labels[match].long())
+    # view 2: other pixels (crops, flips), the same images and labels, logits consistent with the kept input
+    assert (inputs[100:] - inputs[:100]).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.8
+    assert torch.equal(labels[100:], labels[:100])
+    assert torch.allclose(rest, logits, atol=1e-4)
+    assert np.isfinite(logits.numpy()).all()
