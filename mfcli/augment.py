@@ -61,7 +61,6 @@ class EDMAugment:
     @staticmethod
     def apply(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) transformed as ``labels`` (N, 6) say; zero labels leave an image unchanged."""
-        n = x.shape[0]
         flip = labels[:, 0] > 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         s, ac, as_, tx, ty = labels[:, 1], labels[:, 2], labels[:, 3], labels[:, 4], labels[:, 5]
@@ -81,7 +80,7 @@ class EDMAugment:
         affine = torch.cat([m_inv, -(m_inv @ shift[:, :, None])], dim=2).to(x.dtype)  # (N, 2, 3)
         grid = F.affine_grid(affine, list(x.shape), align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return torch.where(geo[:, None, None, None], out, x) if n else out
+        return torch.where(geo[:, None, None, None], out, x)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         labels = self.draw(x.shape[0], x.device, generator)

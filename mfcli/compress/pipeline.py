@@ -85,6 +85,27 @@ def phase_seed(seed: int, phase: str) -> int:
     return int.from_bytes(hashlib.sha256(f"mf-compress:{seed}:{phase}".encode()).digest()[:7], "little")
 
 
+def stage_features(base: nn.Module, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+    """[stem output, stage 1 output, ..., stage ``last`` output] of the baseline on images x (all stages by default)."""
+    h = base.stem(base.normalize(x))
+    out = [h]
+    for stage in base.stages[:last]:
+        h = stage(h)
+        out.append(h)
+    return out
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, cfg, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Label-smoothed cross-entropy; with teacher logits, (1-α) CE + α T² KL(teacher || student)
+    (α = ``cfg.distill``, T = ``cfg.distill_temperature``)."""
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None or cfg.distill == 0:
+        return loss
+    T = cfg.distill_temperature
+    kl = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1), log_target=True, reduction="batchmean")
+    return (1 - cfg.distill) * loss + cfg.distill * T**2 * kl
+
+
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Per-image random crop of the black-padded batch (the usual CIFAR translation augmentation).
 
@@ -161,10 +182,7 @@ class OnlinePairs:
     @torch.no_grad()
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, _ = next(self.loader)
-        h = self.baseline.stem(self.baseline.normalize(x))
-        for s in self.baseline.stages[: self.stage - 1]:
-            h = s(h)
-        return h, self.baseline.stages[self.stage - 1](h)
+        return tuple(stage_features(self.baseline, x, self.stage)[-2:])
 
     def state_dict(self) -> dict[str, int]:
         return self.loader.state_dict()
@@ -505,12 +523,11 @@ class Compressor:
             x, y = batch
             x = random_crop(x, cfg.crop_pad).contiguous(memory_format=self.memory_format)
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            soft = None
             if teacher is not None:  # optional (not in the paper): soft targets of the frozen baseline
                 with torch.no_grad():
-                    soft = F.log_softmax(teacher(x) / cfg.distill_temperature, dim=1)
-                kl = F.kl_div(F.log_softmax(logits / cfg.distill_temperature, dim=1), soft, log_target=True, reduction="batchmean")
-                loss = (1 - cfg.distill) * loss + cfg.distill * cfg.distill_temperature**2 * kl
+                    soft = teacher(x)
+            loss = classification_loss(logits, y, cfg, soft)
             loss.backward()
             return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean() * 100}
 
@@ -545,11 +562,8 @@ class Compressor:
             for i in range(0, cfg.num_images, cfg.batch_size):
                 self.ctx.check_stop("pairs")
                 x = images_uint8_to_float(images[index[i:i + cfg.batch_size]].to(self.device))
-                h = base.stem(base.normalize(x))
-                feats[0].append(h.to("cpu", dtype))
-                for k, stage in enumerate(base.stages, 1):
-                    h = stage(h)
-                    feats[k].append(h.to("cpu", dtype))
+                for kept, h in zip(feats, stage_features(base, x)):
+                    kept.append(h.to("cpu", dtype))
                 bar.update(min(cfg.num_images, i + cfg.batch_size))
         tensors = {f"feat{k}": torch.cat(f).contiguous() for k, f in enumerate(feats)}
         tensors["index"] = index
@@ -627,14 +641,9 @@ class Compressor:
                     x = random_crop(x, cfg.crop_pad)
                     flip = torch.rand(len(x), device=x.device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                x = x.contiguous(memory_format=self.memory_format)
-                h = base.stem(base.normalize(x))
-                for stage in base.stages[:k - 1]:
-                    h = stage(h)
-                inputs.append(h.to("cpu", dtype))
-                for stage in base.stages[k - 1:]:
-                    h = stage(h)
-                logits.append(base.head(h).float().cpu())
+                feats = stage_features(base, x.contiguous(memory_format=self.memory_format))
+                inputs.append(feats[k - 1].to("cpu", dtype))
+                logits.append(base.head(feats[-1]).float().cpu())
                 bar.update(view * n + j + len(x))
         return torch.cat(inputs).contiguous(), torch.cat(logits), labels[index].long().repeat(cfg.views)
 
@@ -648,7 +657,6 @@ class Compressor:
         batches = PairBatches(inputs, teacher_logits, labels, batch_size=cfg.batch_size, seed=seed, device=self.device,
                               memory_format=self.memory_format, what="dropin.num_images or lower dropin.batch_size")
         opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        T = cfg.distill_temperature
 
         def step_fn(batch):
             x, soft_logits, y = batch
@@ -656,10 +664,7 @@ class Compressor:
             for stage in base.stages[k:]:
                 h = stage(h)
             logits = base.head(h)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if cfg.distill > 0:
-                kl = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(soft_logits / T, dim=1), log_target=True, reduction="batchmean")
-                loss = (1 - cfg.distill) * loss + cfg.distill * T**2 * kl
+            loss = classification_loss(logits, y, cfg, soft_logits)
             loss.backward()
             pred = logits.detach().argmax(1)
             return {"loss": loss.detach(), "acc": (pred == y).float().mean() * 100,
