@@ -85,6 +85,12 @@ def phase_seed(seed: int, phase: str) -> int:
     return int.from_bytes(hashlib.sha256(f"mf-compress:{seed}:{phase}".encode()).digest()[:7], "little")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slowly."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(f()) for f in checks if f is not None)
+
+
 def stage_features(base: nn.Module, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
     """[stem output, stage 1 output, ..., stage ``last`` output] of the baseline on images x (all stages by default)."""
     h = base.stem(base.normalize(x))
@@ -267,6 +273,10 @@ class Compressor:
             torch.set_num_threads(recipe.run.threads)
         self.device = pick_device(device or recipe.run.device)
         self.memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format
+        self.bf16 = recipe.run.precision == "bf16" or (recipe.run.precision == "auto" and self.device.type == "cuda")
+        if self.bf16 and self.device.type == "cpu" and not cpu_has_bf16() and not quiet:
+            console.print("[yellow]run.precision = bf16, but this CPU has no bf16 instructions (AVX512-BF16 or AMX): "
+                          "bf16 steps will be slower than fp32 here; set run.precision=fp32.[/]")
         self.reg = default_registry()
         self.train_set = self._dataset("train")
         self.test_set = self._dataset("test")
@@ -364,6 +374,10 @@ class Compressor:
     def _save_model(self, path: Path, model: nn.Module, **meta: Any) -> None:
         A.save_compressed(path, model, base=self.inv.model, num_classes=self.num_classes, shape=self.shape,
                           config=self._config(), **meta)
+
+    def _autocast(self):
+        """bf16 autocast (``run.precision``) for the forward pass of a classifier-loss training step."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _place(self, model: nn.Module) -> nn.Module:
         """On the run's device, in its memory layout (NHWC with ``run.channels_last``)."""
@@ -522,11 +536,12 @@ class Compressor:
         def step_fn(batch):
             x, y = batch
             x = random_crop(x, cfg.crop_pad).contiguous(memory_format=self.memory_format)
-            logits = model(x)
             soft = None
-            if teacher is not None:  # optional (not in the paper): soft targets of the frozen baseline
-                with torch.no_grad():
-                    soft = teacher(x)
+            with self._autocast():
+                logits = model(x).float()
+                if teacher is not None:  # optional (not in the paper): soft targets of the frozen baseline
+                    with torch.no_grad():
+                        soft = teacher(x).float()
             loss = classification_loss(logits, y, cfg, soft)
             loss.backward()
             return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean() * 100}
@@ -641,7 +656,7 @@ class Compressor:
                     x = random_crop(x, cfg.crop_pad)
                     flip = torch.rand(len(x), device=x.device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                feats = stage_features(base, x.contiguous(memory_format=self.memory_format))
+                feats = stage_features(base, x.contiguous(memory_format=self.memory_format))  # fp32 targets
                 inputs.append(feats[k - 1].to("cpu", dtype))
                 logits.append(base.head(feats[-1]).float().cpu())
                 bar.update(view * n + j + len(x))
@@ -660,10 +675,11 @@ class Compressor:
 
         def step_fn(batch):
             x, soft_logits, y = batch
-            h = module(x)
-            for stage in base.stages[k:]:
-                h = stage(h)
-            logits = base.head(h)
+            with self._autocast():
+                h = module(x)
+                for stage in base.stages[k:]:
+                    h = stage(h)
+                logits = base.head(h).float()
             loss = classification_loss(logits, y, cfg, soft_logits)
             loss.backward()
             pred = logits.detach().argmax(1)

@@ -43,6 +43,10 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default (one per core)
     channels_last: bool = True  # models and batches in NHWC memory layout (2.1× faster training steps on a 2-core CPU for ResNet-56)
+    # bf16 autocast of the classifier-loss training steps (baseline, drop-in, meta, incubation,
+    # fine-tune); the MeanFlow phases (JVP), the kept features and targets, and every evaluation stay fp32.
+    # auto: bf16 on CUDA, fp32 elsewhere. bf16 on a CPU pays only with bf16 instructions (AVX512-BF16, AMX).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -128,7 +132,7 @@ class DropInPhase:
     num_images: int = 0  # training images whose stage inputs are kept (one pass of the frozen baseline); 0: the whole training split
     views: int = 1  # kept views of each image: the image itself, then views - 1 random crops (padding crop_pad) with random flips
     crop_pad: int = 4
-    dtype: Literal["float16", "float32"] = "float16"  # storage of the kept inputs (training is fp32)
+    dtype: Literal["float16", "float32"] = "float16"  # storage of the kept inputs (the steps compute in fp32, or in bf16 with run.precision)
     batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-6

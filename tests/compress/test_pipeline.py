@@ -334,3 +334,78 @@ def test_dropin_data_are_the_baselines_features_and_logits(full_run, tmp_path):
     assert torch.equal(labels[100:], labels[:100])
     assert torch.allclose(rest, logits, atol=1e-4)
     assert np.isfinite(logits.numpy()).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto"])
+def test_precision_autocasts_the_classifier_steps_only(full_run, tmp_path, precision):
+    """run.precision = bf16: the drop-in and fine-tune steps run the model under bf16 autocast;
+    the kept drop-in inputs (the baseline's features) and the evaluation are fp32, and the saved
+    weights stay fp32; fp32 and auto (on a CPU) never autocast."""
+    import shutil
+
+    from mfcli import checkpoint, runs
+    from mfcli.compress.pipeline import Compressor, Invocation
+    from mfcli.compress.recipe import load_compress_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    cfg = dict(runs.read_config(run)["config"])
+    inv_raw = cfg.pop("invocation")
+    cfg["run"] = {**cfg["run"], "precision": precision}
+    cfg["dropin"] = {**cfg["dropin"], "steps": 2, "num_images": 64, "batch_size": 32, "dtype": "float32"}
+    cfg["finetune"] = {**cfg["finetune"], "steps": 2}
+    comp = Compressor(load_compress_recipe("tiny", raw=cfg), Invocation(inv_raw["model"], inv_raw["incubate"], inv_raw["weights"]),
+                      run_dir=run, quiet=True)
+    comp.ctx = Context(run, comp.device, quiet=True)
+    # the kept inputs (view 1) against the fp32 baseline's stage-1 outputs on the same images
+    inputs, _, _ = comp._dropin_data(2)
+    base = comp.baseline()
+    images, _ = comp.train_set.tensors()
+    with torch.no_grad():
+        exact = base.stages[0](base.stem(base.normalize(images_uint8_to_float(images))))
+    kept = inputs[:64]
+    err = torch.cdist(kept.flatten(1), exact.flatten(1), compute_mode="donot_use_mm_for_euclid_dist").amin(1) / kept.flatten(1).norm(dim=1)
+    assert err.max() < 1e-5, err.max()
+    seen: list[torch.dtype] = []
+
+    def hook(module, args, out):
+        if isinstance(module, MeanFlowModule):
+            seen.append(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        phases = {}
+        for name, fn in (("dropin", lambda: comp.phase_dropin(2)), ("finetune", comp.phase_finetune),
+                         ("eval", lambda: comp.phase_eval("hybrid"))):
+            seen.clear()
+            fn()
+            phases[name] = set(seen)
+    finally:
+        handle.remove()
+    train = {torch.bfloat16} if precision == "bf16" else {torch.float32}
+    assert phases == {"dropin": train, "finetune": train, "eval": {torch.float32}}
+    for name in ("dropin_stage2.safetensors", "hybrid.safetensors"):
+        state = checkpoint.load_weights(run / name)[0]
+        floats = [v for v in state.values() if v.is_floating_point()]
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(full_run, monkeypatch, capsys):
+    from mfcli import runs
+    from mfcli.compress.pipeline import Compressor, Invocation
+    from mfcli.compress.recipe import load_compress_recipe
+
+    cfg = dict(runs.read_config(full_run)["config"])
+    inv_raw = cfg.pop("invocation")
+    cfg["run"] = {**cfg["run"], "precision": "bf16"}
+
+    def build():
+        Compressor(load_compress_recipe("tiny", raw=cfg), Invocation(inv_raw["model"], inv_raw["incubate"], inv_raw["weights"]),
+                   run_dir=full_run, device="cpu")
+        return capsys.readouterr().err
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert "no bf16 instructions" not in build()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert "no bf16 instructions" in build()
