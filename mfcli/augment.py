@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mfcli.data import flip_where
+
 AUGMENT_DIM = 6
 KINDS = ("none", "edm")
 
@@ -61,8 +63,7 @@ class EDMAugment:
     @staticmethod
     def apply(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) transformed as ``labels`` (N, 6) say; zero labels leave an image unchanged."""
-        flip = labels[:, 0] > 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = flip_where(x, labels[:, 0] > 0.5)
         s, ac, as_, tx, ty = labels[:, 1], labels[:, 2], labels[:, 3], labels[:, 4], labels[:, 5]
         geo = (s != 0) | (ac != 0) | (as_ != 0) | (tx != 0) | (ty != 0)
         if not bool(geo.any()):

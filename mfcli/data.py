@@ -67,7 +67,7 @@ def epoch_plan(seed: int, epoch: int, num_samples: int) -> tuple[torch.Tensor, t
     return perm, flip
 
 
-def _flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     # torch.where instead of boolean indexing: no host sync on CUDA (nonzero would sync).
     return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
@@ -194,7 +194,7 @@ class DeviceLoader(_EpochLoader):
         index = self._perm_dev[positions]
         x, y = self.data[index], self.labels[index]
         if self.hflip:
-            x = _flip_where(x, self._flip_dev[positions])  # on uint8: a quarter of the bytes
+            x = flip_where(x, self._flip_dev[positions])  # on uint8: a quarter of the bytes
         x = images_uint8_to_float(x) if x.dtype == torch.uint8 else x.to(torch.float32)
         self._advance()
         return x, y
@@ -275,7 +275,7 @@ class StreamLoader(_EpochLoader):
         x = x.to(self.device, torch.float32, non_blocking=True)
         y = torch.as_tensor(y).to(self.device, torch.long, non_blocking=True)
         if self.hflip:
-            x = _flip_where(x, flip[positions].to(self.device, non_blocking=True))
+            x = flip_where(x, flip[positions].to(self.device, non_blocking=True))
         self._advance()
         if self.position == 0:  # the epoch's sampler is exhausted; the next one starts fresh
             self._batches = None

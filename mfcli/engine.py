@@ -43,6 +43,16 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def wants_bf16(precision: str, device: torch.device) -> bool:
+    """A ``precision`` setting (auto | fp32 | bf16) on ``device``: whether to autocast to bf16 (auto: on CUDA only)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def bf16_autocast(enabled: bool, device: torch.device):
+    """bf16 autocast on ``device`` when enabled, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -215,7 +225,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self.bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = wants_bf16(self.cfg.precision, self.device)
         self.train_fn = torch.compile(self.net) if self.cfg.compile else self.net
         self._stop_signal: int | None = None
         self.log = None
@@ -306,12 +316,11 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         extra = {}
         if self.augment is not None:  # on the device; its labels condition every network call of the step
             x, labels = self.augment(x)
             extra["cond"] = {"augment": labels}
-        with autocast:
+        with bf16_autocast(self.bf16, self.device):
             loss, logs = self.objective.loss(self.train_fn, x, y if self.num_classes else None, step=self.step, **extra)
         finite = torch.isfinite(loss.detach()).float()
         if finite.item():

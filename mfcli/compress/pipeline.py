@@ -53,7 +53,8 @@ from mfcli.compress.loop import Context, Interrupted, clear_phase_state, run_ste
 from mfcli.compress.modules import MeanFlowModule, ModuleSpec, count_params
 from mfcli.compress.recipe import ClassifierPhase, CompressRecipe, steps_of
 from mfcli.console import console
-from mfcli.data import DeviceLoader, epoch_plan, images_uint8_to_float
+from mfcli.data import DeviceLoader, epoch_plan, flip_where, images_uint8_to_float
+from mfcli.engine import bf16_autocast, pick_device, wants_bf16
 from mfcli.errors import MFError
 from mfcli.plugins import registry as default_registry
 
@@ -266,14 +267,12 @@ class Compressor:
 
     def __init__(self, recipe: CompressRecipe, inv: Invocation, *, incubate_text: str | None = None,
                  run_dir: Path | None = None, runs_dir: str | None = None, device: str | None = None, quiet: bool = False):
-        from mfcli.engine import pick_device
-
         self.recipe, self.inv, self.quiet = recipe, inv, quiet
         if recipe.run.threads > 0:
             torch.set_num_threads(recipe.run.threads)
         self.device = pick_device(device or recipe.run.device)
         self.memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format
-        self.bf16 = recipe.run.precision == "bf16" or (recipe.run.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = wants_bf16(recipe.run.precision, self.device)
         if self.bf16 and self.device.type == "cpu" and not cpu_has_bf16() and not quiet:
             console.print("[yellow]run.precision = bf16, but this CPU has no bf16 instructions (AVX512-BF16 or AMX): "
                           "bf16 steps will be slower than fp32 here; set run.precision=fp32.[/]")
@@ -374,10 +373,6 @@ class Compressor:
     def _save_model(self, path: Path, model: nn.Module, **meta: Any) -> None:
         A.save_compressed(path, model, base=self.inv.model, num_classes=self.num_classes, shape=self.shape,
                           config=self._config(), **meta)
-
-    def _autocast(self):
-        """bf16 autocast (``run.precision``) for the forward pass of a classifier-loss training step."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _place(self, model: nn.Module) -> nn.Module:
         """On the run's device, in its memory layout (NHWC with ``run.channels_last``)."""
@@ -537,7 +532,7 @@ class Compressor:
             x, y = batch
             x = random_crop(x, cfg.crop_pad).contiguous(memory_format=self.memory_format)
             soft = None
-            with self._autocast():
+            with bf16_autocast(self.bf16, self.device):  # run.precision
                 logits = model(x).float()
                 if teacher is not None:  # optional (not in the paper): soft targets of the frozen baseline
                     with torch.no_grad():
@@ -654,8 +649,7 @@ class Compressor:
                 x = images_uint8_to_float(images[index[j:j + batch]].to(self.device))
                 if view > 0:
                     x = random_crop(x, cfg.crop_pad)
-                    flip = torch.rand(len(x), device=x.device) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                    x = flip_where(x, torch.rand(len(x), device=x.device) < 0.5)
                 feats = stage_features(base, x.contiguous(memory_format=self.memory_format))  # fp32 targets
                 inputs.append(feats[k - 1].to("cpu", dtype))
                 logits.append(base.head(feats[-1]).float().cpu())
@@ -675,7 +669,7 @@ class Compressor:
 
         def step_fn(batch):
             x, soft_logits, y = batch
-            with self._autocast():
+            with bf16_autocast(self.bf16, self.device):  # run.precision
                 h = module(x)
                 for stage in base.stages[k:]:
                     h = stage(h)
