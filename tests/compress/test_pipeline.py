@@ -336,17 +336,20 @@ def test_dropin_data_are_the_baselines_features_and_logits(full_run, tmp_path):
     assert np.isfinite(logits.numpy()).all()
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto"])
-def test_precision_autocasts_the_classifier_steps_only(full_run, tmp_path, precision):
+@pytest.mark.parametrize("precision, native_bf16", [("bf16", False), ("fp32", True), ("auto", False), ("auto", True)])
+def test_precision_autocasts_the_classifier_steps_only(full_run, tmp_path, monkeypatch, precision, native_bf16):
     """run.precision = bf16: the drop-in and fine-tune steps run the model under bf16 autocast;
     the kept drop-in inputs (the baseline's features) and the evaluation are fp32, and the saved
-    weights stay fp32; fp32 and auto (on a CPU) never autocast."""
+    weights stay fp32; fp32 never autocasts; auto on a CPU autocasts only when the CPU has bf16
+    instructions (emulated bf16 is many times slower than fp32)."""
     import shutil
 
     from mfcli import checkpoint, runs
+    from mfcli.compress import pipeline
     from mfcli.compress.pipeline import Compressor, Invocation
     from mfcli.compress.recipe import load_compress_recipe
 
+    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: native_bf16)
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
     cfg = dict(runs.read_config(run)["config"])
@@ -382,7 +385,7 @@ def test_precision_autocasts_the_classifier_steps_only(full_run, tmp_path, preci
             phases[name] = set(seen)
     finally:
         handle.remove()
-    train = {torch.bfloat16} if precision == "bf16" else {torch.float32}
+    train = {torch.bfloat16} if precision == "bf16" or (precision == "auto" and native_bf16) else {torch.float32}
     assert phases == {"dropin": train, "finetune": train, "eval": {torch.float32}}
     for name in ("dropin_stage2.safetensors", "hybrid.safetensors"):
         state = checkpoint.load_weights(run / name)[0]
