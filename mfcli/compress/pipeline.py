@@ -7,6 +7,7 @@
    dropin.stageK       optional, not in the paper ([dropin] steps > 0): each stage that keeps
                        its module in the hybrid, trained as a drop-in for its stage inside the
                        frozen baseline on kept stage inputs, towards the baseline's logits
+                       (and, with ``feature_weight``, its pooled features)
 4. meta                stem + all modules + head, fine-tuned end to end (CE, AdamW, cosine)
 5. incubate.stageK     the stages named in --incubate get their residual blocks back,
                        initialised from the baseline's ("deep incubation"), and are trained one
@@ -120,6 +121,17 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, cfg, teacher_logi
     T = cfg.distill_temperature
     kl = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1), log_target=True, reduction="batchmean")
     return (1 - cfg.distill) * loss + cfg.distill * T**2 * kl
+
+
+def dropin_loss(logits: torch.Tensor, pooled: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
+                teacher_pooled: torch.Tensor, cfg) -> torch.Tensor:
+    """The drop-in phase's loss: :func:`classification_loss` towards the baseline's logits, plus
+    ``cfg.feature_weight`` times the squared distance (summed over channels, averaged over the batch)
+    between the pooled features the head receives, (B, D), and the baseline's on the same images."""
+    loss = classification_loss(logits, y, cfg, teacher_logits)
+    if cfg.feature_weight > 0:
+        loss = loss + cfg.feature_weight * (pooled - teacher_pooled).pow(2).sum(1).mean()
+    return loss
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -633,9 +645,9 @@ class Compressor:
                                 spec=module.spec.to_json(), stage=k)
 
     # -- phase 3b -------------------------------------------------------------------------------
-    def _dropin_data(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stage k's input, the baseline's logits, labels) for ``views`` views of each kept training
-        image: the image itself, then random crops with random flips.
+    def _dropin_data(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stage k's input, the baseline's logits, its pooled features (the head's input), labels) for
+        ``views`` views of each kept training image: the image itself, then random crops with random flips.
 
         Recomputed (deterministically: the views come from the phase's own seed) when a run is
         resumed rather than written to the run directory.
@@ -648,7 +660,7 @@ class Compressor:
             index = torch.randperm(len(images), generator=torch.Generator().manual_seed(phase_seed(self.recipe.run.seed, "dropin")))[:n]
         base = self.baseline()
         dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-        inputs, logits = [], []
+        inputs, logits, pooled = [], [], []
         batch = self.recipe.pairs.batch_size
         torch.manual_seed(phase_seed(self.recipe.run.seed, f"dropin-views{k}"))
         chunks = [(view, j) for view in range(cfg.views) for j in range(0, n, batch)]
@@ -661,33 +673,37 @@ class Compressor:
                     x = flip_where(x, torch.rand(len(x), device=x.device) < 0.5)
                 feats = stage_features(base, x.contiguous(memory_format=self.memory_format))  # fp32 targets
                 inputs.append(feats[k - 1].to("cpu", dtype))
-                logits.append(base.head(feats[-1]).float().cpu())
+                p = base.head.pooled(feats[-1])
+                pooled.append(p.float().cpu())
+                logits.append(base.head.fc(p).float().cpu())
                 bar.update(view * n + j + len(x))
-        return torch.cat(inputs).contiguous(), torch.cat(logits), labels[index].long().repeat(cfg.views)
+        return torch.cat(inputs).contiguous(), torch.cat(logits), torch.cat(pooled), labels[index].long().repeat(cfg.views)
 
     def phase_dropin(self, k: int) -> dict[str, Any]:
         cfg, phase = self.recipe.dropin, f"dropin.stage{k}"
-        inputs, teacher_logits, labels = self._dropin_data(k)
+        inputs, teacher_logits, teacher_pooled, labels = self._dropin_data(k)
         seed = phase_seed(self.recipe.run.seed, phase)
         torch.manual_seed(seed)
         module = self.mf_module(k).train()
         base = self.baseline()  # frozen, eval mode: the stages after k and the head
-        batches = PairBatches(inputs, teacher_logits, labels, batch_size=cfg.batch_size, seed=seed, device=self.device,
+        batches = PairBatches(inputs, teacher_logits, teacher_pooled, labels, batch_size=cfg.batch_size, seed=seed, device=self.device,
                               memory_format=self.memory_format, what="dropin.num_images or lower dropin.batch_size")
         opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         def step_fn(batch):
-            x, soft_logits, y = batch
+            x, soft_logits, soft_pooled, y = batch
             with bf16_autocast(self.bf16, self.device):  # run.precision
                 h = module(x)
                 for stage in base.stages[k:]:
                     h = stage(h)
-                logits = base.head(h).float()
-            loss = classification_loss(logits, y, cfg, soft_logits)
+                pooled = base.head.pooled(h).float()
+            logits = base.head.fc(pooled)
+            loss = dropin_loss(logits, pooled, y, soft_logits, soft_pooled, cfg)
             loss.backward()
             pred = logits.detach().argmax(1)
             return {"loss": loss.detach(), "acc": (pred == y).float().mean() * 100,
-                    "agree": (pred == soft_logits.argmax(1)).float().mean() * 100}
+                    "agree": (pred == soft_logits.argmax(1)).float().mean() * 100,
+                    "feat_se": (pooled.detach() - soft_pooled).pow(2).sum(1).mean()}
 
         steps = steps_of(cfg, len(labels))
         last = run_steps(self.ctx, phase, total=steps, modules=module, optimizer=opt, batches=batches, step_fn=step_fn,

@@ -142,12 +142,17 @@ class DropInPhase:
     label_smoothing: float = 0.1
     distill: float = 0.9  # (1-α) CE(labels) + α T² KL(baseline || module), as in ClassifierPhase
     distill_temperature: float = 4.0
+    # + w · ||pooled − pooled_baseline||², summed over channels: the features the head receives, against the
+    # baseline's on the same view (kept with the logits; feature distillation at the head's input)
+    feature_weight: float = 0.0
     grad_clip: float = 0.0
     log_every: int = 100
     ckpt_every: int = 500
 
     def validate(self) -> None:
         _budget_checks(self)
+        if self.feature_weight < 0:
+            raise ValueError(f"feature_weight must be 0 (off) or more, got {self.feature_weight}")
         if self.num_images < 0:
             raise ValueError(f"num_images must be 0 (the whole training split) or more, got {self.num_images}")
         if self.views < 1 or self.crop_pad < 0:

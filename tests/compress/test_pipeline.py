@@ -235,6 +235,26 @@ def test_incubation_order_and_memory_layout(full_run, tmp_path, monkeypatch, pro
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
 
+def _dropin_run(data, tmp_path, monkeypatch, capsys, settings: str):
+    """`mf compress resnet20 --incubate 1,3` on the tiny recipe with a 24-step [dropin] phase for
+    stage 2 (plus ``settings``, TOML lines of [dropin]) and no meta steps; the run directory."""
+    _, npz, weights = data
+    recipe = tiny_recipe(tmp_path / "tiny.toml", npz, extra="""
+        [dropin]
+        steps = 24
+        batch_size = 64
+        lr = 3e-3
+        warmup_steps = 0
+        log_every = 1
+        ckpt_every = 10
+        """ + settings)
+    code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "1,3",
+                            "--recipe", recipe, "--runs-dir", tmp_path / "runs", "meta.steps=0")
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    return run
+
+
 def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch, capsys):
     """[dropin]: the module of every stage that reaches the hybrid (here stage 2, with stages 1
     and 3 incubated) is trained inside the frozen baseline towards the baseline's logits on the
@@ -245,22 +265,8 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
     from mfcli import checkpoint
     from mfcli.compress import arch as A
 
-    _, npz, weights = data
-    recipe = tiny_recipe(tmp_path / "tiny.toml", npz, extra="""
-        [dropin]
-        steps = 24
-        views = 2
-        batch_size = 64
-        lr = 3e-3
-        warmup_steps = 0
-        distill = 1.0
-        log_every = 1
-        ckpt_every = 10
-        """)
-    code, _, err = run_main(monkeypatch, capsys, "compress", "resnet20", "--weights", weights, "--incubate", "1,3",
-                            "--recipe", recipe, "--runs-dir", tmp_path / "runs", "meta.steps=0")
-    assert code == 0, err
-    (run,) = (tmp_path / "runs").iterdir()
+    _, npz, _ = data
+    run = _dropin_run(data, tmp_path, monkeypatch, capsys, "views = 2\ndistill = 1.0")
     done = json.loads((run / "phases.json").read_text())["done"]
     names = list(done)
     assert names.index("meanflow.stage3") < names.index("dropin.stage2") < names.index("meta")
@@ -295,6 +301,33 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
     assert 0 <= done["dropin.stage2"]["teacher_agreement"] <= 100
 
 
+def test_dropin_feature_weight_pulls_the_pooled_features_to_the_baselines(data, tmp_path, monkeypatch, capsys):
+    """[dropin] feature_weight: with only the feature term and the label term (distill = 0), the
+    distance between the pooled features of baseline-with-module and the baseline's falls."""
+    import numpy as np
+
+    from mfcli import checkpoint
+    from mfcli.compress import arch as A
+
+    _, npz, _ = data
+    run = _dropin_run(data, tmp_path, monkeypatch, capsys, "distill = 0.0\nfeature_weight = 10.0")
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all("feat_se" in r for r in logs if r.get("phase") == "dropin.stage2" and "loss" in r)
+    base = load_compressed(run / "baseline.safetensors")
+    x = images_uint8_to_float(torch.from_numpy(np.load(npz)["x_train"]).permute(0, 3, 1, 2).contiguous())
+
+    def distance(name):
+        state, meta = checkpoint.load_weights(run / name)
+        m = MeanFlowModule(ModuleSpec(**meta["spec"]))
+        m.load_state_dict(state)
+        net = A.replace_stages(base, {2: m}).eval()
+        with torch.no_grad():
+            return float((net.features(x) - base.features(x)).pow(2).sum(1).mean())
+
+    before, after = distance("meanflow_stage2.safetensors"), distance("dropin_stage2.safetensors")
+    assert after < 0.7 * before, (before, after)
+
+
 def test_dropin_data_are_the_baselines_features_and_logits(full_run, tmp_path):
     """The kept inputs of stage k are the frozen baseline's features (view 1: the images
     themselves; view 2: random crops with flips), and the kept logits are the baseline's on
@@ -315,15 +348,16 @@ def test_dropin_data_are_the_baselines_features_and_logits(full_run, tmp_path):
     comp = Compressor(load_compress_recipe("tiny", raw=cfg), Invocation(inv_raw["model"], inv_raw["incubate"], inv_raw["weights"]),
                       run_dir=run, quiet=True)
     comp.ctx = Context(run, comp.device, quiet=True)
-    inputs, logits, labels = comp._dropin_data(2)
-    assert inputs.shape[0] == logits.shape[0] == labels.shape[0] == 200 and inputs.shape[1:] == (16, 32, 32)
+    inputs, logits, pooled, labels = comp._dropin_data(2)
+    assert inputs.shape[0] == logits.shape[0] == pooled.shape[0] == labels.shape[0] == 200 and inputs.shape[1:] == (16, 32, 32)
     base = comp.baseline()
     images, all_labels = comp.train_set.tensors()
     x = images_uint8_to_float(images).contiguous(memory_format=comp.memory_format)
     with torch.no_grad():
         prefix = base.stages[0](base.stem(base.normalize(x)))
         full = base(x)
-        rest = base.head(base.stages[2](base.stages[1](inputs.contiguous(memory_format=comp.memory_format))))
+        rest_pooled = base.head.pooled(base.stages[2](base.stages[1](inputs.contiguous(memory_format=comp.memory_format))))
+        rest = base.head.fc(rest_pooled)
     # view 1: a subset of the plain images; find each kept row among them
     dist = torch.cdist(inputs[:100].flatten(1), prefix.flatten(1))
     match = dist.argmin(1)
@@ -333,6 +367,9 @@ def test_dropin_data_are_the_baselines_features_and_logits(full_run, tmp_path):
     assert (inputs[100:] - inputs[:100]).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.8
     assert torch.equal(labels[100:], labels[:100])
     assert torch.allclose(rest, logits, atol=1e-4)
+    # the kept pooled features are the head's input on the same views, and give the kept logits
+    assert pooled.shape == (200, base.head.fc.in_features) and torch.allclose(rest_pooled, pooled, atol=1e-4)
+    assert torch.allclose(base.head.fc(pooled), logits, atol=1e-5)
     assert np.isfinite(logits.numpy()).all()
 
 
@@ -361,7 +398,7 @@ def test_precision_autocasts_the_classifier_steps_only(full_run, tmp_path, monke
                       run_dir=run, quiet=True)
     comp.ctx = Context(run, comp.device, quiet=True)
     # the kept inputs (view 1) against the fp32 baseline's stage-1 outputs on the same images
-    inputs, _, _ = comp._dropin_data(2)
+    inputs, _, _, _ = comp._dropin_data(2)
     base = comp.baseline()
     images, _ = comp.train_set.tensors()
     with torch.no_grad():
@@ -412,3 +449,37 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(full_run, monkeypatch, ca
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert "no bf16 instructions" in build()
+
+
+def test_dropin_loss_against_a_hand_computation():
+    """(1-α) CE with label smoothing ε + α T² KL(teacher || student) at temperature T, plus
+    w · mean over the batch of the squared distance between pooled features, written out in
+    float64 from the definitions, element by element."""
+    import math
+    from types import SimpleNamespace
+
+    from mfcli.compress.pipeline import dropin_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, C, D = 5, 4, 3
+    logits, teacher = torch.randn(B, C, generator=g, dtype=torch.float64), torch.randn(B, C, generator=g, dtype=torch.float64)
+    pooled, teacher_pooled = torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(B, D, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    cfg = SimpleNamespace(label_smoothing=0.1, distill=0.7, distill_temperature=2.0, feature_weight=0.5)
+
+    def softmax(row, T):
+        e = [math.exp(v / T) for v in row]
+        return [v / sum(e) for v in e]
+
+    ce = kl = feat = 0.0
+    for i in range(B):
+        p = softmax(logits[i].tolist(), 1.0)
+        q = [(1 - cfg.label_smoothing) * (c == int(y[i])) + cfg.label_smoothing / C for c in range(C)]
+        ce -= sum(qc * math.log(pc) for qc, pc in zip(q, p)) / B
+        ps, pt = softmax(logits[i].tolist(), 2.0), softmax(teacher[i].tolist(), 2.0)
+        kl += sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps)) / B
+        feat += sum((a - b) ** 2 for a, b in zip(pooled[i].tolist(), teacher_pooled[i].tolist())) / B
+    want = 0.3 * ce + 0.7 * 4.0 * kl + 0.5 * feat
+    assert dropin_loss(logits, pooled, y, teacher, teacher_pooled, cfg).item() == pytest.approx(want, rel=1e-12)
+    cfg.feature_weight = 0.0
+    assert dropin_loss(logits, pooled, y, teacher, teacher_pooled, cfg).item() == pytest.approx(0.3 * ce + 0.7 * 4.0 * kl, rel=1e-12)

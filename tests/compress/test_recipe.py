@@ -70,6 +70,7 @@ def test_overrides_apply_and_are_validated(tmp_path):
     (('name = "npz"', 'name = "nzp"'), r"unknown dataset 'nzp'.*Did you mean 'npz'"),
     (("[meta]", "[dropin]\nnum_images = -5\nsteps = 3\n[meta]"), r"\[dropin\].*num_images must be 0 \(the whole training split\) or more, got -5"),
     (("[meta]", "[dropin]\ndistill = 1.5\n[meta]"), r"\[dropin\].*need 0 <= distill <= 1"),
+    (("[meta]", "[dropin]\nfeature_weight = -0.5\n[meta]"), r"\[dropin\].*feature_weight must be 0 \(off\) or more, got -0.5"),
     (("[meta]", "[incubate]\nprogressive = 1\n[meta]"), r"\[incubate\] progressive: expected bool"),
     (('path = "x.npz"', 'path = "x.npz"\nroot = "y"'), r"\[data\] \(dataset 'npz'\): unknown key 'root'"),
     (("[meta]", "[metta]"), r"unknown table \[metta\].*Did you mean 'meta'"),
