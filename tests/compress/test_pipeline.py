@@ -235,6 +235,16 @@ def test_incubation_order_and_memory_layout(full_run, tmp_path, monkeypatch, pro
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
 
+def _saved_module(path):
+    """A MeanFlow module rebuilt from a phase's safetensors file (its spec is in the metadata)."""
+    from mfcli import checkpoint
+
+    state, meta = checkpoint.load_weights(path)
+    m = MeanFlowModule(ModuleSpec(**meta["spec"]))
+    m.load_state_dict(state)
+    return m
+
+
 def _dropin_run(data, tmp_path, monkeypatch, capsys, settings: str):
     """`mf compress resnet20 --incubate 1,3` on the tiny recipe with a 24-step [dropin] phase for
     stage 2 (plus ``settings``, TOML lines of [dropin]) and no meta steps; the run directory."""
@@ -277,12 +287,6 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
     arr = np.load(npz)
     x = images_uint8_to_float(torch.from_numpy(arr["x_train"]).permute(0, 3, 1, 2).contiguous())
 
-    def module(name):
-        state, meta = checkpoint.load_weights(run / name)
-        m = MeanFlowModule(ModuleSpec(**meta["spec"]))
-        m.load_state_dict(state)
-        return m
-
     def kl_of(mod):
         net = A.replace_stages(base, {2: mod}).eval()
         with torch.no_grad():
@@ -290,7 +294,7 @@ def test_dropin_phase_trains_the_module_as_a_drop_in(data, tmp_path, monkeypatch
             s = torch.log_softmax(net(x) / 4, 1)
         return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean"))
 
-    before, after = kl_of(module("meanflow_stage2.safetensors")), kl_of(module("dropin_stage2.safetensors"))
+    before, after = kl_of(_saved_module(run / "meanflow_stage2.safetensors")), kl_of(_saved_module(run / "dropin_stage2.safetensors"))
     assert after < 0.7 * before, (before, after)
     # with meta.steps = 0 the meta model is the assembled one: its stage 2 is the drop-in module
     meta = load_compressed(run / "meta.safetensors")
@@ -306,7 +310,6 @@ def test_dropin_feature_weight_pulls_the_pooled_features_to_the_baselines(data, 
     distance between the pooled features of baseline-with-module and the baseline's falls."""
     import numpy as np
 
-    from mfcli import checkpoint
     from mfcli.compress import arch as A
 
     _, npz, _ = data
@@ -317,10 +320,7 @@ def test_dropin_feature_weight_pulls_the_pooled_features_to_the_baselines(data, 
     x = images_uint8_to_float(torch.from_numpy(np.load(npz)["x_train"]).permute(0, 3, 1, 2).contiguous())
 
     def distance(name):
-        state, meta = checkpoint.load_weights(run / name)
-        m = MeanFlowModule(ModuleSpec(**meta["spec"]))
-        m.load_state_dict(state)
-        net = A.replace_stages(base, {2: m}).eval()
+        net = A.replace_stages(base, {2: _saved_module(run / name)}).eval()
         with torch.no_grad():
             return float((net.features(x) - base.features(x)).pow(2).sum(1).mean())
 
