@@ -82,7 +82,12 @@ class ResNetClassifier(nn.Module):
         self.head = Head(stage_channels[-1], num_classes)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.normalize(x))
+        x = self.normalize(x)
+        if x.device.type == "cpu":
+            # NHWC: oneDNN's CPU convolutions are about 1.35x faster in it (ResNet-56, 2 cores);
+            # the activations stay NHWC, the pooled features and logits are the same numbers.
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
         return x  # (B, C, h, w)

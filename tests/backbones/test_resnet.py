@@ -84,10 +84,10 @@ def test_common_interface(name):
     assert isinstance(model.stages, nn.ModuleList) and len(model.stages) == len(model.stage_channels)
     # stages compose: stem -> stages -> head reproduces forward
     with torch.no_grad():
-        h = model.stem(model.normalize(x))
+        h = model.stem(model.normalize(x))  # NCHW here; forward runs NHWC on a CPU: rounding differs
         for stage in model.stages:
             h = stage(h)
-        assert torch.allclose(model.head(h), logits, atol=1e-5)
+        assert torch.allclose(model.head(h), logits, rtol=1e-4, atol=1e-4), (model.head(h) - logits).abs().max()
 
 
 def test_normalize_maps_minus_one_one_to_imagenet_statistics():
@@ -201,12 +201,10 @@ def test_pretrained_cifar_resnets_reach_published_accuracy():
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # large convolutions do profit from a second core
     for name, (file, published) in PRETRAINED.items():
         model = load_resnet_weights(build_resnet(name), weights_dir() / file).eval()
-        model = model.to(memory_format=torch.channels_last)  # faster CPU convolutions
         correct = 0
         with torch.inference_mode():
-            for i in range(0, len(y), 1000):
-                images = x[i : i + 1000].float() / 127.5 - 1  # mf datasets yield [-1, 1]
-                images = images.contiguous(memory_format=torch.channels_last)
-                correct += (model(images).argmax(1) == y[i : i + 1000]).sum().item()
+            for i in range(0, len(y), 500):  # larger batches are slower on a 2-core CPU (cache)
+                images = x[i : i + 500].float() / 127.5 - 1  # mf datasets yield [-1, 1]
+                correct += (model(images).argmax(1) == y[i : i + 500]).sum().item()
         accuracy = 100 * correct / len(y)
         assert abs(accuracy - published) <= 0.01, (name, accuracy, published)
