@@ -3,7 +3,7 @@
 ``ResNetClassifier.trunk`` turns a CPU input into channels-last (NHWC) before its stem. This
 measures, side by side in one process (rounds interleaved), the same pretrained CIFAR ResNet
 run through its stem, stages and head on an NCHW tensor (the layout before that change) and
-through ``model(x)``, and checks that both give the same predictions. The speed-up is what
+through ``model(x)``, and reports how far apart their logits are. The speed-up is what
 ``mf eval --metric accuracy``, ``fd-resnet56`` and the ResNet-56 evaluations of ``mf compress``
 gain on a CPU.
 
@@ -49,7 +49,8 @@ def main() -> None:
     model = build_resnet(args.arch, num_classes=10).eval()
     x = torch.rand(args.batch, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
-        same = bool(torch.equal(nchw_forward(model, x).argmax(1), model(x).argmax(1)))
+        ref = nchw_forward(model, x)
+        rel = ((model(x) - ref).abs().max() / ref.abs().max()).item()
         times = paired_times({"nchw": lambda: nchw_forward(model, x), "nhwc": lambda: model(x)}, device, rounds=args.rounds)
     ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
     ratio = median_ratio(times["nchw"], times["nhwc"])
@@ -60,7 +61,7 @@ def main() -> None:
         "| path | images/s |\n|---|---:|\n"
         f"| stem, stages, head on NCHW (before) | {ips['nchw']:,.0f} |\n"
         f"| `model(x)`: NHWC inside `trunk` | {ips['nhwc']:,.0f} |\n\n"
-        f"NHWC is **{ratio:.2f}x** as fast (median of per-round ratios); same predictions: {same}."
+        f"NHWC is **{ratio:.2f}x** as fast (median of per-round ratios); largest logit difference {rel:.1e} of the largest logit."
     )
     print(text)
     if not args.no_write:

@@ -84,8 +84,9 @@ class ResNetClassifier(nn.Module):
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
         if x.device.type == "cpu":
-            # NHWC: oneDNN's CPU convolutions are about 1.35x faster in it (ResNet-56, 2 cores);
-            # the activations stay NHWC, the pooled features and logits are the same numbers.
+            # NHWC: oneDNN's CPU convolutions are about 1.3x faster in it (ResNet-56, 2 cores,
+            # benchmarks/resnet_layout.py); the activations stay NHWC, features and logits agree
+            # with the NCHW ones to float rounding.
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for stage in self.stages:
