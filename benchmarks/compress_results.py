@@ -1,8 +1,9 @@
 """Write a finished `mf compress` run's report into benchmarks/RESULTS.md (the `compress` block).
 
-    python benchmarks/compress_results.py runs/00001-compress-resnet56-cifar10 [--note "..."]
+    python benchmarks/compress_results.py runs/00001-compress-resnet56-cifar10 [--note "..."] [--block compress_gpu]
 
-The block is replaced in place (or appended); the rest of RESULTS.md is left as it is.
+The block (``compress`` unless ``--block`` names another, e.g. one per device) is replaced in place
+(or appended); the rest of RESULTS.md is left as it is.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from pathlib import Path
 
 import torch
 
-BEGIN, END = "<!-- BEGIN compress -->", "<!-- END compress -->"
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
 
 
-def block(run: Path, note: str) -> str:
+BEGIN, END = markers("compress")
+
+
+def block(run: Path, note: str, block_name: str = "compress") -> str:
+    begin, end = markers(block_name)
     rep = json.loads((run / "report.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     inv = cfg["config"]["invocation"]
     m = rep["models"]
     lines = [
-        BEGIN,
+        begin,
         f"## MFI-ResNet compression (`mf compress {inv['model']} --incubate {','.join(map(str, inv['incubate']))}`)",
         "",
         f"Recipe `{Path(cfg['recipe']).name}`, weights `{Path(inv['weights']).name if inv['weights'] else 'trained'}`, "
@@ -48,7 +54,7 @@ def block(run: Path, note: str) -> str:
     lines.append(f"| **total** | **{rep['total_seconds'] / 60:.1f}** | **{'-' if not total_cpu else f'{total_cpu / 60:.1f}'}** |")
     if note:
         lines += ["", note]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -56,11 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--note", default="", help="A paragraph written under the tables (conditions, goal met or not).")
+    ap.add_argument("--block", default="compress", help="name of the RESULTS.md block (one per setting, e.g. compress_gpu)")
     ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = ap.parse_args()
     text = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
-    new = block(args.run, args.note)
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    new = block(args.run, args.note, args.block)
+    begin, end = markers(args.block)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: new, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + new + "\n"
     args.results.write_text(text)
     print(new)

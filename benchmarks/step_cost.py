@@ -10,6 +10,8 @@ transients, relative to flow matching.
 
     PYTHONPATH=.:plugins python benchmarks/step_cost.py --backbone mlp --backbone convnet
     PYTHONPATH=.:plugins python benchmarks/step_cost.py --backbone dit --config depth=4 --config hidden=256
+    PYTHONPATH=.:plugins python benchmarks/step_cost.py --backbone unet --no-preset --shape 3,32,32 \
+        --batch 128 --device cuda --precision bf16      # the MeanFlow CIFAR U-Net as trained on a GPU
 
 Backbones come from the mf_backbones registry (``--config key=value`` sets fields of its config
 dataclass, values parsed as TOML); ``convnet`` is a small GroupNorm conv net defined here for when
@@ -20,6 +22,7 @@ no image backbone is available. The table goes into benchmarks/RESULTS.md betwee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -117,8 +120,10 @@ def registered_backbones() -> dict:
     return found
 
 
-def build_backbone(name: str, overrides: dict, shape=None):
+def build_backbone(name: str, overrides: dict, shape=None, use_preset: bool = True):
     preset = PRESETS.get(name, dict(shape=(3, 16, 16), batch=32, config={}))
+    if not use_preset:  # the config's own defaults (a backbone's named variant at full size)
+        preset = dict(preset, config={})
     shape = tuple(shape or preset["shape"])
     if name == "convnet":
         return ConvNet(shape), shape, preset["batch"], {}
@@ -176,9 +181,16 @@ def variants(ratio: float, has_v_head: bool) -> dict:
     return v
 
 
-def step(obj, net, x):
-    loss, _ = obj.loss(net, x)
+def step(obj, net, x, autocast=None):
+    """One step as ``mf train`` runs it: the loss under the run's autocast (bf16 or none), then backward."""
+    with autocast() if autocast else contextlib.nullcontext():
+        loss, _ = obj.loss(net, x)
     loss.backward()
+
+
+def sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 # -- measurement ----------------------------------------------------------------------------------
@@ -214,32 +226,34 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def peak_memory(obj, net, x) -> int:
+def peak_memory(obj, net, x, autocast=None) -> int:
     net.zero_grad(set_to_none=False)  # gradient buffers exist already: the peak is activations + transients
     torch.manual_seed(0)
     with PeakMemory() as pm:
-        step(obj, net, x)
+        step(obj, net, x, autocast)
     return pm.peak
 
 
-def measure(net, x, objs: dict, rounds: int, warmup: int, seed: int = 0):
+def measure(net, x, objs: dict, rounds: int, warmup: int, seed: int = 0, autocast=None):
     rng = random.Random(seed)
     names = list(objs)
     for _ in range(warmup):
         for n in names:
             net.zero_grad(set_to_none=False)
-            step(objs[n], net, x)
+            step(objs[n], net, x, autocast)
     times = {n: [] for n in names}
     for _ in range(rounds):
         order = names[:]
         rng.shuffle(order)
         for n in order:
             net.zero_grad(set_to_none=False)
+            sync(x)
             t0 = time.perf_counter()
-            step(objs[n], net, x)
+            step(objs[n], net, x, autocast)
+            sync(x)
             times[n].append(time.perf_counter() - t0)
     ratios = {n: statistics.median(a / b for a, b in zip(times[n], times["fm"])) for n in names}
-    mem = {n: peak_memory(objs[n], net, x) for n in names}
+    mem = {n: peak_memory(objs[n], net, x, autocast) for n in names}
     return {n: dict(ms=1e3 * statistics.median(times[n]), ratio=ratios[n], mem=mem[n], mem_ratio=mem[n] / mem["fm"])
             for n in names}
 
@@ -247,14 +261,24 @@ def measure(net, x, objs: dict, rounds: int, warmup: int, seed: int = 0):
 # -- RESULTS.md -----------------------------------------------------------------------------------
 
 
+def device_words(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}), {threads} thread(s)"
+
+
 def section(backbone, shape, batch, values, params, res, args) -> str:
+    """One backbone's table; its title names the device and precision when not the CPU in fp32, so
+    that CPU and GPU sections of the same backbone sit side by side in RESULTS.md."""
     cfg = ", ".join(f"{k}={v}" for k, v in values.items()) or "defaults"
+    device = torch.device(args.device)
+    where = "" if device.type == "cpu" and args.precision == "fp32" else f" ({device.type}, {args.precision})"
+    precision = "fp32" if args.precision == "fp32" else "bf16 autocast (as `mf train` runs it)"
     lines = [
-        f"### {backbone}",
+        f"### {backbone}{where}",
         "",
-        f"{backbone} ({cfg}; {params / 1e6:.2f}M parameters), input {tuple(shape)}, batch {batch}, fp32, CPU "
-        f"({platform.processor() or platform.machine()}), {args.threads} thread(s), torch {torch.__version__}; "
-        f"median of {args.rounds} paired rounds.",
+        f"{backbone} ({cfg}; {params / 1e6:.2f}M parameters), input {tuple(shape)}, batch {batch}, {precision}, "
+        f"{device_words(device, args.threads)}, torch {torch.__version__}; median of {args.rounds} paired rounds.",
         "",
         "| objective | step ms | step × fm | peak act. MB | memory × fm |",
         "|---|---:|---:|---:|---:|",
@@ -300,9 +324,16 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", action="append", default=[], help="measure only variants containing this text (+ fm)")
+    ap.add_argument("--no-preset", action="store_true", help="the backbone config's own defaults (full size), not the small CPU preset")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast of the loss, as mf train on a GPU")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else None
     overrides = {}
     for kv in args.config:
         k, v = kv.split("=", 1)
@@ -313,16 +344,19 @@ def main(argv=None):
     sections = {}
     for name in args.backbone or ["mlp"]:
         torch.manual_seed(0)
-        net, shape, batch, values = build_backbone(name, overrides if len(args.backbone or []) <= 1 else {}, args.shape)
+        net, shape, batch, values = build_backbone(name, overrides if len(args.backbone or []) <= 1 else {}, args.shape,
+                                                   use_preset=not args.no_preset)
+        net = net.to(device)
         batch = args.batch or batch
-        x = torch.randn(batch, *shape)
+        x = torch.randn(batch, *shape, device=device)
         objs = variants(args.ratio, bool(getattr(net, "has_v_head", False)))
         if args.only:
             objs = {k: v for k, v in objs.items() if k == "fm" or any(o in k for o in args.only)}
-        res = measure(net, x, objs, args.rounds, args.warmup)
+        res = measure(net, x, objs, args.rounds, args.warmup, autocast=autocast)
         params = sum(p.numel() for p in net.parameters())
-        sections[name] = section(name, shape, batch, values, params, res, args)
-        print(sections[name], flush=True)
+        text = section(name, shape, batch, values, params, res, args)
+        sections[text.split("\n", 1)[0][4:].strip()] = text  # keyed by its title, as write_results reads old ones
+        print(text, flush=True)
     if not args.no_write:
         write_results(sections)
 

@@ -30,3 +30,23 @@ def test_measure_runs_on_a_tiny_mlp():
     res = step_cost.measure(net, x, step_cost.variants(0.25, False), rounds=1, warmup=0)
     assert res["fm"]["ratio"] == 1.0 and res["fm"]["mem_ratio"] == 1.0
     assert all(r["mem"] > 0 and r["ms"] > 0 for r in res.values())
+
+
+def test_gpu_section_sits_beside_the_cpu_one(tmp_path, monkeypatch):
+    """A section's title names its device and precision unless CPU fp32, and sections are keyed by
+    title: a CUDA bf16 table of a backbone must not replace its CPU table."""
+    import argparse
+
+    path = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(step_cost, "RESULTS", path)
+    res = {"fm": dict(ms=2.0, ratio=1.0, mem=2**20, mem_ratio=1.0)}
+    cpu = argparse.Namespace(device="cpu", precision="fp32", threads=1, rounds=3)
+    bf16 = argparse.Namespace(device="cpu", precision="bf16", threads=1, rounds=3)
+    a = step_cost.section("dit", (3, 8, 8), 4, {}, 10, res, cpu)
+    b = step_cost.section("dit", (3, 8, 8), 4, {}, 10, res, bf16)
+    assert a.startswith("### dit\n") and ", fp32, CPU" in a
+    assert b.startswith("### dit (cpu, bf16)\n") and "bf16 autocast" in b
+    step_cost.write_results({"dit": a})
+    step_cost.write_results({"dit (cpu, bf16)": b})
+    text = path.read_text()
+    assert text.count("### dit\n") == 1 and text.count("### dit (cpu, bf16)\n") == 1
