@@ -21,9 +21,12 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import warnings
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .jvp_ops import custom_jvp_active, forward_ad_active, unpack
 
@@ -61,6 +64,34 @@ def attention_backend(name: str):
         yield
     finally:
         _BACKEND = prev
+
+
+# Kernels for a fused primal whose gradient is taken later ("fused" JVP mode), per device type.
+# Inside torch.func.jvp the kernel cannot see that its inputs require gradients, and CUDA's
+# memory-efficient and cuDNN kernels then skip the softmax statistics (log-sum-exp) that their
+# backward reads: the backward fails with "LSE is not correctly aligned" (seen on an H200, DiT-B/2,
+# fp32 JVP). Flash (half precision) always keeps them and math is plain ops. The CPU kernels always
+# keep them. Not listed: every backend.
+FUSED_PRIMAL_BACKENDS: dict[str, tuple[SDPBackend, ...]] = {"cuda": (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)}
+# above this many keys, say once that the math kernel holds the (T, T) matrix for the backward
+MATH_PRIMAL_WARN_T = 1024
+_warned_math_primal = False
+
+
+def _primal_for_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` restricted to kernels whose backward works when the
+    call was made inside ``torch.func.jvp`` (see ``FUSED_PRIMAL_BACKENDS``)."""
+    global _warned_math_primal
+    backends = FUSED_PRIMAL_BACKENDS.get(q.device.type)
+    if backends is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if q.dtype == torch.float32 and k.shape[-2] > MATH_PRIMAL_WARN_T and not _warned_math_primal:
+        _warned_math_primal = True
+        warnings.warn(f"jvp_mode 'fused' on {q.device.type} in fp32: the attention primal uses the math kernel, which "
+                      f"holds the ({k.shape[-2]}, {k.shape[-2]}) score matrix for the backward; jvp_mode 'split' does not",
+                      stacklevel=2)
+    with sdpa_kernel(list(backends)):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def _query_block(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -222,7 +253,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
             if torch.is_grad_enabled():
                 # gradients may flow (inside torch.func.jvp requires_grad is not visible, so grad
                 # mode decides): the fused kernel's primal and backward ("fused" JVP mode)
-                out = F.scaled_dot_product_attention(qp, kp, vp)
+                out = _primal_for_backward(qp, kp, vp)
                 return fwAD.make_dual(out, attention_tangent(qp, kp, vp, out, dq, dk, dv))
             # a tangent pass without gradients: one blockwise pass gives both
             return fwAD.make_dual(*attention_and_tangent(qp, kp, vp, dq, dk, dv))

@@ -185,3 +185,44 @@ def test_compiled_jvp_equals_eager():
     out, tangent = compiled(q, k, v, dq, dk, dv)
     assert rel_err(out, eager[0]) < 1e-6
     assert rel_err(tangent, eager[1]) < 1e-6
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_fused_primal_kernels_keep_what_their_backward_needs(monkeypatch, restricted):
+    """On CUDA the fused-mode primal runs with flash or math only (the memory-efficient and cuDNN
+    kernels drop their softmax statistics inside torch.func.jvp and their backward then fails).
+    The same restriction applied on the CPU must be in force during the call, leave the other
+    calls alone and keep the gradients exact."""
+    if restricted:
+        monkeypatch.setitem(A.FUSED_PRIMAL_BACKENDS, "cpu", A.FUSED_PRIMAL_BACKENDS["cuda"])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy_sdpa(*a, **kw):
+        seen.append((torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.math_sdp_enabled()))
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy_sdpa)
+    q, k, v, dq, dk, dv = qkv(T=20)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = torch.func.jvp(attention, tuple(leaves), (dq, dk, dv))
+    attention(q, k, v)  # outside forward AD: never restricted
+    before = (torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(), True)
+    assert seen == [(False, False, True) if restricted else before, before]
+    cot = torch.randn_like(out)
+    grads = torch.autograd.grad((out * cot).sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad((attention_math(*ref_leaves) * cot).sum(), ref_leaves)
+    for g, r in zip(grads, ref):
+        assert rel_err(g, r) < 1e-12
+
+
+def test_math_primal_at_long_sequences_says_so(monkeypatch):
+    monkeypatch.setitem(A.FUSED_PRIMAL_BACKENDS, "cpu", A.FUSED_PRIMAL_BACKENDS["cuda"])
+    monkeypatch.setattr(A, "MATH_PRIMAL_WARN_T", 16)
+    monkeypatch.setattr(A, "_warned_math_primal", False)
+    q, k, v, dq, dk, dv = (t.float() for t in qkv(T=20))
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    with pytest.warns(UserWarning, match="score matrix"):
+        torch.func.jvp(attention, leaves, (dq, dk, dv))
