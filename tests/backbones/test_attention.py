@@ -142,16 +142,22 @@ def test_eager_jvp_uses_fused_primal_and_custom_rule(monkeypatch):
     assert rel_err(out, ref_out) < 1e-12 and rel_err(tangent, ref_tangent) < 1e-12
 
 
+def assert_gradients_match_math(out, leaves):
+    """Gradients of a random linear function of ``out`` (attention of ``leaves``) equal those of
+    plain-ops attention."""
+    cot = torch.randn_like(out)
+    grads = torch.autograd.grad((out * cot).sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = torch.autograd.grad((attention_math(*ref_leaves) * cot).sum(), ref_leaves)
+    for g, r in zip(grads, ref):
+        assert rel_err(g, r) < 1e-12
+
+
 def test_fused_mode_gradients_flow_through_the_primal():
     q, k, v, dq, dk, dv = qkv(T=20)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, _ = torch.func.jvp(attention, tuple(leaves), (dq, dk, dv))
-    cot = torch.randn_like(out)
-    grads = torch.autograd.grad((out * cot).sum(), leaves)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = torch.autograd.grad((attention_math(*ref_leaves) * cot).sum(), ref_leaves)
-    for g, r in zip(grads, ref):
-        assert rel_err(g, r) < 1e-12
+    assert_gradients_match_math(out, leaves)
 
 
 def test_gradient_of_the_tangent_itself():
@@ -210,12 +216,7 @@ def test_fused_primal_kernels_keep_what_their_backward_needs(monkeypatch, restri
     attention(q, k, v)  # outside forward AD: never restricted
     before = (torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(), True)
     assert seen == [(False, False, True) if restricted else before, before]
-    cot = torch.randn_like(out)
-    grads = torch.autograd.grad((out * cot).sum(), leaves)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = torch.autograd.grad((attention_math(*ref_leaves) * cot).sum(), ref_leaves)
-    for g, r in zip(grads, ref):
-        assert rel_err(g, r) < 1e-12
+    assert_gradients_match_math(out, leaves)
 
 
 def test_math_primal_at_long_sequences_says_so(monkeypatch):
