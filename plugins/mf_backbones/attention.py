@@ -257,4 +257,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
                 return fwAD.make_dual(out, attention_tangent(qp, kp, vp, out, dq, dk, dv))
             # a tangent pass without gradients: one blockwise pass gives both
             return fwAD.make_dual(*attention_and_tangent(qp, kp, vp, dq, dk, dv))
+        if torch.is_grad_enabled():  # no tangent here, but a gradient may still flow through this call
+            return _primal_for_backward(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

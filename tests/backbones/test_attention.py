@@ -227,3 +227,22 @@ def test_math_primal_at_long_sequences_says_so(monkeypatch):
     leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
     with pytest.warns(UserWarning, match="score matrix"):
         torch.func.jvp(attention, leaves, (dq, dk, dv))
+
+
+def test_attention_without_tangents_inside_a_jvp_is_restricted_too(monkeypatch):
+    """q, k and v without tangents inside torch.func.jvp, gradients on: the call still cannot see
+    that they require gradients, so it takes the same kernels as the fused primal."""
+    monkeypatch.setitem(A.FUSED_PRIMAL_BACKENDS, "cpu", A.FUSED_PRIMAL_BACKENDS["cuda"])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy_sdpa(*a, **kw):
+        seen.append(torch.backends.cuda.mem_efficient_sdp_enabled())
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy_sdpa)
+    q, k, v, x, dx, _ = qkv(T=12)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, tangent = torch.func.jvp(lambda x_: attention(*leaves) + x_, (x,), (dx,))
+    assert seen == [False] and torch.equal(tangent, dx)
+    assert_gradients_match_math(out, leaves)
