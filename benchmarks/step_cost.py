@@ -272,8 +272,11 @@ def section(backbone, shape, batch, values, params, res, args) -> str:
     that CPU and GPU sections of the same backbone sit side by side in RESULTS.md."""
     cfg = ", ".join(f"{k}={v}" for k, v in values.items()) or "defaults"
     device = torch.device(args.device)
-    where = "" if device.type == "cpu" and args.precision == "fp32" else f" ({device.type}, {args.precision})"
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type  # one table per GPU model
+    where = "" if device.type == "cpu" and args.precision == "fp32" else f" ({kind}, {args.precision})"
     precision = "fp32" if args.precision == "fp32" else "bf16 autocast (as `mf train` runs it)"
+    if device.type == "cuda":
+        precision += ", TF32 matmuls (as `mf train`)"
     lines = [
         f"### {backbone}{where}",
         "",
@@ -324,15 +327,21 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", action="append", default=[], help="measure only variants containing this text (+ fm)")
-    ap.add_argument("--no-preset", action="store_true", help="the backbone config's own defaults (full size), not the small CPU preset")
+    ap.add_argument("--no-preset", action="store_true",
+                    help="the backbone config's own defaults (full size), not the small CPU preset's (input shape and batch still "
+                         "come from the preset unless --shape and --batch are given)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast of the loss, as mf train on a GPU")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is visible")
+        # as mf train sets them (mfcli.engine): TF32 for the fp32 matmuls and convolutions, i.e. the JVP
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else None
     overrides = {}
     for kv in args.config:

@@ -50,3 +50,16 @@ def test_gpu_section_sits_beside_the_cpu_one(tmp_path, monkeypatch):
     step_cost.write_results({"dit (cpu, bf16)": b})
     text = path.read_text()
     assert text.count("### dit\n") == 1 and text.count("### dit (cpu, bf16)\n") == 1
+
+
+def test_main_keeps_one_table_per_device_and_precision(tmp_path, monkeypatch):
+    path = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(step_cost, "RESULTS", path)
+    args = ["--backbone", "mlp", "--config", "width=8", "--config", "depth=1", "--batch", "32", "--rounds", "1",
+            "--warmup", "0", "--only", "ρ=0.25 split", "--threads", str(torch.get_num_threads())]
+    step_cost.main(args)
+    step_cost.main(args + ["--precision", "bf16"])
+    step_cost.main(args)  # replaces the fp32 table, keeps the bf16 one
+    text = path.read_text()
+    assert text.count("### mlp\n") == 1 and text.count("### mlp (cpu, bf16)\n") == 1
+    assert text.count("| mf ρ=0.25 split |") == 2
