@@ -20,9 +20,6 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
 
 
-BEGIN, END = markers("compress")
-
-
 def block(run: Path, note: str, block_name: str = "compress") -> str:
     begin, end = markers(block_name)
     rep = json.loads((run / "report.json").read_text())
