@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
 
