@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import importlib
 import math
-import platform
 import random
 import statistics
 import sys
@@ -47,6 +46,8 @@ from mf_objectives.imf import IMFConfig, ImprovedMeanFlow
 from mf_objectives.meanflow import MeanFlow, MFConfig
 from mf_objectives.mmf import MMFConfig, ModularMeanFlow
 from mf_objectives.splitmf import SplitMeanFlow, SplitMFConfig
+
+from common import machine, sync  # benchmarks/common.py (this script's folder is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN step_cost -->", "<!-- END step_cost -->"
@@ -188,11 +189,6 @@ def step(obj, net, x, autocast=None):
     loss.backward()
 
 
-def sync(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-
-
 # -- measurement ----------------------------------------------------------------------------------
 
 
@@ -247,10 +243,10 @@ def measure(net, x, objs: dict, rounds: int, warmup: int, seed: int = 0, autocas
         rng.shuffle(order)
         for n in order:
             net.zero_grad(set_to_none=False)
-            sync(x)
+            sync(x.device)
             t0 = time.perf_counter()
             step(objs[n], net, x, autocast)
-            sync(x)
+            sync(x.device)
             times[n].append(time.perf_counter() - t0)
     ratios = {n: statistics.median(a / b for a, b in zip(times[n], times["fm"])) for n in names}
     mem = {n: peak_memory(objs[n], net, x, autocast) for n in names}
@@ -259,12 +255,6 @@ def measure(net, x, objs: dict, rounds: int, warmup: int, seed: int = 0, autocas
 
 
 # -- RESULTS.md -----------------------------------------------------------------------------------
-
-
-def device_words(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}), {threads} thread(s)"
 
 
 def section(backbone, shape, batch, values, params, res, args) -> str:
@@ -281,7 +271,7 @@ def section(backbone, shape, batch, values, params, res, args) -> str:
         f"### {backbone}{where}",
         "",
         f"{backbone} ({cfg}; {params / 1e6:.2f}M parameters), input {tuple(shape)}, batch {batch}, {precision}, "
-        f"{device_words(device, args.threads)}, torch {torch.__version__}; median of {args.rounds} paired rounds.",
+        f"{machine(device)}; median of {args.rounds} paired rounds.",
         "",
         "| objective | step ms | step × fm | peak act. MB | memory × fm |",
         "|---|---:|---:|---:|---:|",

@@ -19,9 +19,8 @@ Song 2025, Appendix F). With P = softmax(S) row-wise:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.autograd.forward_ad as fwAD
